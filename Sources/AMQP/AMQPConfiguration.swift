@@ -1,0 +1,137 @@
+/// How to reach a RabbitMQ broker and how the connection behaves.
+///
+/// Created from an `amqp://user:password@host:port/vhost` URL; the parts are
+/// percent-decoded, so the default virtual host `/` is written `%2F`. An empty
+/// path (`amqp://host`) also selects `/`, following the RabbitMQ URI spec's
+/// common usage.
+public struct AMQPConfiguration: Sendable {
+    public var host: String
+    public var port: Int
+    public var user: String
+    public var password: String
+    public var virtualHost: String
+    /// Heartbeat interval negotiated with the broker; 0 disables heartbeats.
+    public var heartbeat: Duration
+    /// Shown in the management UI and `rabbitmqctl list_connections`.
+    public var connectionName: String?
+    /// Bound on TCP connect and on each synchronous AMQP method (declare, consume, …).
+    public var connectTimeout: Duration
+    /// First delay between reconnection attempts; doubles up to ``maxReconnectDelay``.
+    public var minReconnectDelay: Duration
+    public var maxReconnectDelay: Duration
+    /// Largest frame size we propose (the broker may lower it).
+    public var frameMax: Int32
+
+    /// Parses an `amqp://` URL.
+    /// - Throws: ``AMQPError/Code/invalidURL`` naming what is wrong (never echoing the password).
+    public init(url: String, connectionName: String? = nil) throws {
+        guard let schemeEnd = url.range(of: "://") else {
+            throw AMQPError(.invalidURL, "AMQP URL must start with amqp://")
+        }
+        let scheme = url[..<schemeEnd.lowerBound].lowercased()
+        guard scheme == "amqp" else {
+            if scheme == "amqps" {
+                throw AMQPError(.invalidURL, "amqps:// (TLS) is not supported yet; use amqp:// or a TLS-terminating proxy")
+            }
+            throw AMQPError(.invalidURL, "unsupported AMQP URL scheme '\(scheme)'")
+        }
+        var rest = Substring(url[schemeEnd.upperBound...])
+        if let q = rest.firstIndex(of: "?") { rest = rest[..<q] }
+        var path: Substring? = nil
+        if let slash = rest.firstIndex(of: "/") {
+            path = rest[rest.index(after: slash)...]
+            rest = rest[..<slash]
+        }
+        var user = "guest", password = "guest"
+        if let at = rest.lastIndex(of: "@") {
+            let info = rest[..<at]
+            rest = rest[rest.index(after: at)...]
+            if let colon = info.firstIndex(of: ":") {
+                user = try Self.decode(info[..<colon], what: "user")
+                password = try Self.decode(info[info.index(after: colon)...], what: "password")
+            } else {
+                user = try Self.decode(info, what: "user")
+                password = ""
+            }
+        }
+        var host = String(rest)
+        var port = 5672
+        if host.hasPrefix("[") {  // IPv6 literal
+            guard let close = host.firstIndex(of: "]") else {
+                throw AMQPError(.invalidURL, "AMQP URL has an unterminated IPv6 address")
+            }
+            let after = host[host.index(after: close)...]
+            let literal = String(host[host.index(after: host.startIndex)..<close])
+            if after.hasPrefix(":") {
+                guard let p = Int(after.dropFirst()), (1...65535).contains(p) else {
+                    throw AMQPError(.invalidURL, "AMQP URL has an invalid port '\(after.dropFirst())'")
+                }
+                port = p
+            } else if !after.isEmpty {
+                throw AMQPError(.invalidURL, "AMQP URL has junk after the IPv6 address")
+            }
+            host = literal
+        } else if let colon = host.lastIndex(of: ":") {
+            let portText = host[host.index(after: colon)...]
+            guard let p = Int(portText), (1...65535).contains(p) else {
+                throw AMQPError(.invalidURL, "AMQP URL has an invalid port '\(portText)'")
+            }
+            port = p
+            host = String(host[..<colon])
+        }
+        if host.isEmpty { host = "localhost" }
+        let vhost: String
+        if let path, !path.isEmpty {
+            vhost = try Self.decode(path, what: "virtual host")
+        } else {
+            vhost = "/"
+        }
+        self.host = host
+        self.port = port
+        self.user = user
+        self.password = password
+        self.virtualHost = vhost
+        self.heartbeat = .seconds(30)
+        self.connectionName = connectionName
+        self.connectTimeout = .seconds(5)
+        self.minReconnectDelay = .milliseconds(100)
+        self.maxReconnectDelay = .seconds(5)
+        self.frameMax = 131_072
+    }
+
+    /// The URL without the password, for log lines.
+    public var redactedURL: String {
+        let vhost = virtualHost == "/" ? "%2F" : virtualHost
+        return "amqp://\(user)@\(host.contains(":") ? "[\(host)]" : host):\(port)/\(vhost)"
+    }
+
+    private static func decode(_ text: Substring, what: String) throws -> String {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(text.utf8.count)
+        var it = Array(text.utf8)[...]
+        while let b = it.popFirst() {
+            if b == UInt8(ascii: "%") {
+                guard it.count >= 2, let hi = hexValue(it[it.startIndex]), let lo = hexValue(it[it.startIndex + 1]) else {
+                    throw AMQPError(.invalidURL, "AMQP URL has a bad percent-escape in the \(what)")
+                }
+                bytes.append(hi << 4 | lo)
+                it = it.dropFirst(2)
+            } else {
+                bytes.append(b)
+            }
+        }
+        guard let s = String(validating: bytes, as: UTF8.self) else {
+            throw AMQPError(.invalidURL, "AMQP URL's \(what) is not valid UTF-8 after percent-decoding")
+        }
+        return s
+    }
+
+    private static func hexValue(_ c: UInt8) -> UInt8? {
+        switch c {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return c - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return c - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return c - UInt8(ascii: "A") + 10
+        default: return nil
+        }
+    }
+}

@@ -1,0 +1,224 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// An AMQP 0-9-1 connection to RabbitMQ over librabbitmq, with an async API.
+///
+/// One connection carries a control channel (declarations), a publishing
+/// channel in confirm mode shared by all publishers, and one channel per
+/// consumer. It reconnects by itself with exponential backoff, declares its
+/// topology again and resumes its consumers; publishes in flight when the
+/// connection breaks fail with ``AMQPError/Code/connectionLost`` so callers
+/// can answer quickly, and new publishes work again once it is back.
+///
+/// ```swift
+/// let amqp = try await AMQPConnection.connect(
+///     configuration: try AMQPConfiguration(url: "amqp://guest:guest@127.0.0.1:5672/%2F"),
+///     topology: topology, logger: logger)
+/// try await amqp.publish(AMQPMessage("<xml/>"), exchange: "wechat.inbound", routingKey: "text")
+/// ```
+///
+/// - Important: Each connection owns one thread on which every librabbitmq call
+///   runs; no C call happens on Swift's cooperative pool or a NIO event loop.
+///   Call ``close()`` (or run the connection as a `Service`) when done: the
+///   thread, and so the connection, lives until then.
+public final class AMQPConnection: Sendable {
+    public let configuration: AMQPConfiguration
+    let logger: Logger
+    let mailbox: Mailbox
+    /// For ``connect(configuration:topology:logger:)``: report the first failure instead of retrying.
+    let failFirstConnect: Bool
+
+    /// Creates a connection that connects in the background and retries until it succeeds.
+    ///
+    /// Use ``waitUntilConnected()`` to wait for the first connection, and ``isConnected``
+    /// for readiness checks. Declarations in `topology` are made on every (re)connection.
+    public convenience init(configuration: AMQPConfiguration, topology: AMQPTopology = AMQPTopology(), logger: Logger)
+        throws
+    {
+        try self.init(configuration: configuration, topology: topology, logger: logger, failFirstConnect: false)
+        start(waiter: nil)
+    }
+
+    private init(configuration: AMQPConfiguration, topology: AMQPTopology, logger: Logger, failFirstConnect: Bool)
+        throws
+    {
+        self.configuration = configuration
+        self.logger = logger
+        self.mailbox = try Mailbox()
+        self.failFirstConnect = failFirstConnect
+        if !topology.isEmpty {
+            // Recorded before the first connection so that it is part of every (re)declaration.
+            _ = mailbox.submit { core in core.rememberTopology(topology) }
+        }
+    }
+
+    /// Connects, declares `topology`, and returns the connection; fails with a clear
+    /// error (bad credentials, refused connection, conflicting declaration) instead of retrying.
+    /// After this first success the connection reconnects by itself.
+    public static func connect(
+        configuration: AMQPConfiguration, topology: AMQPTopology = AMQPTopology(), logger: Logger
+    ) async throws -> AMQPConnection {
+        let connection = try AMQPConnection(
+            configuration: configuration, topology: topology, logger: logger, failFirstConnect: true)
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+            connection.start(waiter: c)
+        }
+        return connection
+    }
+
+    private func start(waiter: CheckedContinuation<Void, any Error>?) {
+        _ = mailbox.submit { core in core.startConnecting(waiter: waiter) }
+        let thread = Thread { [self] in
+            let core = ConnectionCore(owner: self)
+            core.runLoop()
+        }
+        thread.name = "amqp-\(configuration.connectionName ?? configuration.host)"
+        thread.start()
+    }
+
+    /// Whether the connection is up right now (for readiness probes).
+    public var isConnected: Bool { mailbox.isConnected }
+
+    /// Publishes awaiting the broker's confirm right now (for metrics).
+    public var confirmsInFlight: Int { mailbox.confirmsInFlight }
+
+    /// Waits until the connection is up.
+    /// - Throws: ``AMQPError/Code/closed`` if the connection is closed first.
+    public func waitUntilConnected() async throws {
+        try await run { core, c in core.waitConnected(c) }
+    }
+
+    /// Declares exchanges, queues and bindings now, and again after every reconnection.
+    public func declare(_ topology: AMQPTopology) async throws {
+        try await run { core, c in core.declare(topology, c) }
+    }
+
+    /// Publishes a message on the shared confirm-mode channel and waits for the broker's confirm.
+    ///
+    /// Many publishes may be in flight at once; each caller waits only for its own confirm.
+    /// - Parameters:
+    ///   - mandatory: when `true` (the default), a message that no queue receives fails
+    ///     with ``AMQPError/Code/unroutable`` instead of vanishing.
+    ///   - confirmTimeout: fail with ``AMQPError/Code/confirmTimeout`` if no confirm arrives in time.
+    /// - Throws: ``AMQPError``: `notConnected` at once while the connection is down;
+    ///   `connectionLost`, `nacked`, `unroutable`, `channelClosed`, `confirmTimeout`.
+    public func publish(
+        _ message: AMQPMessage, exchange: String, routingKey: String, mandatory: Bool = true,
+        confirmTimeout: Duration? = nil
+    ) async throws {
+        guard mailbox.isConnected else {
+            throw AMQPError(.notConnected, "not connected to \(configuration.redactedURL)")
+        }
+        let deadline = confirmTimeout.map { ContinuousClock.now + $0 }
+        try await run { core, c in
+            core.publish(
+                message, exchange: exchange, routingKey: routingKey, mandatory: mandatory, deadline: deadline, c)
+        }
+    }
+
+    /// Starts consuming from `queue` with manual acknowledgement.
+    ///
+    /// - Parameter prefetch: at most this many unacknowledged deliveries are outstanding (basic.qos).
+    /// - Returns: a sequence of deliveries. It survives reconnections (the consumer is
+    ///   re-subscribed; deliveries from before the break can no longer be acknowledged and
+    ///   will be redelivered). It ends after ``AMQPConsumer/cancel()`` or ``close()``.
+    public func consume(queue: String, prefetch: UInt16 = 100, arguments: AMQPTable = [:]) async throws
+        -> AMQPConsumer
+    {
+        let id = ConsumerIDs.next()
+        let (stream, continuation) = AsyncThrowingStream<AMQPDelivery, any Error>.makeStream()
+        let record = ConsumerRecordBox(
+            id: id, queue: queue, prefetch: prefetch, arguments: arguments, continuation: continuation)
+        continuation.onTermination = { [mailbox] _ in
+            _ = mailbox.submit { core in core.cancelConsumer(id: id, nil) }
+        }
+        try await run { core, c in core.addConsumer(record.make(), c) }
+        return AMQPConsumer(stream: stream, id: id, connection: self)
+    }
+
+    /// Fetches one message with `basic.get` (manual ack), or `nil` when the queue is empty.
+    public func get(queue: String) async throws -> AMQPDelivery? {
+        try await run { core, c in core.get(queue: queue, c) }
+    }
+
+    /// The counters of an existing queue (passive declaration).
+    public func queueInfo(_ queue: String) async throws -> AMQPQueueInfo {
+        try await run { core, c in core.queueInfo(queue, c) }
+    }
+
+    /// Removes all ready messages from a queue; returns how many.
+    @discardableResult
+    public func purge(queue: String) async throws -> Int {
+        try await run { core, c in core.removeMessages(queue: queue, deleteQueue: false, c) }
+    }
+
+    /// Deletes a queue (and forgets it for re-declaration); returns how many messages it held.
+    @discardableResult
+    public func deleteQueue(_ queue: String) async throws -> Int {
+        try await run { core, c in core.removeMessages(queue: queue, deleteQueue: true, c) }
+    }
+
+    /// Deletes an exchange (and forgets it for re-declaration).
+    public func deleteExchange(_ exchange: String) async throws {
+        try await run { core, c in core.deleteExchange(exchange, c) }
+    }
+
+    /// Closes the connection: cancels consumers, waits (up to the connect timeout) for
+    /// confirms in flight, then closes the socket and ends the connection's thread.
+    public func close() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            if !mailbox.submit({ core in core.close(c) }) { c.resume() }
+        }
+    }
+
+    func settle(_ delivery: AMQPDelivery, _ how: ConnectionCore.Settlement) async throws {
+        try await run { core, c in core.settle(delivery, how, c) }
+    }
+
+    func cancelConsumer(id: Int) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            if !mailbox.submit({ core in core.cancelConsumer(id: id, c) }) { c.resume() }
+        }
+    }
+
+    /// Runs `body` on the connection thread and awaits the continuation it resumes.
+    private func run<T: Sendable>(
+        _ body: @escaping @Sendable (ConnectionCore, CheckedContinuation<T, any Error>) -> Void
+    ) async throws -> T {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
+            if !mailbox.submit({ core in body(core, c) }) {
+                c.resume(throwing: AMQPError(.closed, "the connection was closed"))
+            }
+        }
+    }
+}
+
+extension AMQPConnection: Service {
+    /// Keeps the connection until graceful shutdown (or cancellation), then closes it.
+    ///
+    /// Add it to a `ServiceGroup` before the services that publish or consume, so it stops after them.
+    public func run() async throws {
+        try? await gracefulShutdown()
+        await close()
+    }
+}
+
+/// Carries the consumer's parameters to the connection thread, where the record is made.
+private struct ConsumerRecordBox: Sendable {
+    let id: Int
+    let queue: String
+    let prefetch: UInt16
+    let arguments: AMQPTable
+    let continuation: AsyncThrowingStream<AMQPDelivery, any Error>.Continuation
+
+    func make() -> ConsumerRecord {
+        ConsumerRecord(id: id, queue: queue, prefetch: prefetch, arguments: arguments, continuation: continuation)
+    }
+}
+
+private enum ConsumerIDs {
+    private static let counter = Atomic<Int>(0)
+    static func next() -> Int { counter.wrappingAdd(1, ordering: .relaxed).newValue }
+}

@@ -1,0 +1,47 @@
+/// A message delivered to a consumer (or fetched with `basic.get`), to be settled exactly once.
+public struct AMQPDelivery: Sendable {
+    public let message: AMQPMessage
+    public let exchange: String
+    public let routingKey: String
+    /// Whether the broker delivered this message before (to this or another consumer).
+    public let redelivered: Bool
+    public let deliveryTag: UInt64
+    let channel: UInt16
+    let generation: UInt64
+    let connection: AMQPConnection
+
+    /// Acknowledges the delivery: the broker forgets the message.
+    /// - Throws: ``AMQPError/Code/staleDelivery`` if the channel or connection it came
+    ///   on is gone (the broker will redeliver the message).
+    public func ack() async throws { try await connection.settle(self, .ack) }
+
+    /// Negatively acknowledges: `requeue: false` dead-letters the message (if the queue
+    /// has a dead-letter exchange) or drops it; `requeue: true` puts it back.
+    public func nack(requeue: Bool) async throws { try await connection.settle(self, .nack(requeue: requeue)) }
+
+    /// Rejects the delivery (`basic.reject`), with the same meaning of `requeue` as ``nack(requeue:)``.
+    public func reject(requeue: Bool) async throws { try await connection.settle(self, .reject(requeue: requeue)) }
+}
+
+/// The deliveries of one consumer, as an `AsyncSequence`.
+///
+/// Iterate it from one task. The sequence survives reconnections, ends after
+/// ``cancel()`` (once the deliveries already received have been read) or when the
+/// connection closes, and throws if the broker cancels the consumer for good
+/// (for example because its queue was deleted). Ending the iteration (for
+/// example by cancelling the iterating task) also cancels the consumer.
+public struct AMQPConsumer: AsyncSequence, Sendable {
+    public typealias Element = AMQPDelivery
+
+    let stream: AsyncThrowingStream<AMQPDelivery, any Error>
+    let id: Int
+    let connection: AMQPConnection
+
+    public func makeAsyncIterator() -> AsyncThrowingStream<AMQPDelivery, any Error>.AsyncIterator {
+        stream.makeAsyncIterator()
+    }
+
+    /// Stops new deliveries (`basic.cancel`). Deliveries already received stay valid
+    /// and can still be acknowledged: use this for graceful shutdown.
+    public func cancel() async { await connection.cancelConsumer(id: id) }
+}

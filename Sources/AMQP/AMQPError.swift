@@ -1,0 +1,62 @@
+/// The one error type of the AMQP module.
+///
+/// Every error has a stable ``Code``, a human-readable message, the librabbitmq
+/// status or AMQP reply code where there is one, and whether retrying the same
+/// operation later may succeed.
+public struct AMQPError: Error, Sendable, CustomStringConvertible {
+    /// A stable classification of what went wrong.
+    public enum Code: String, Sendable {
+        /// The `amqp://` URL could not be parsed.
+        case invalidURL
+        /// The TCP connection could not be established (refused, unreachable, timed out).
+        case connectionFailed
+        /// The broker refused the credentials or the virtual host.
+        case authenticationFailed
+        /// The connection is down (being re-established); nothing was sent.
+        case notConnected
+        /// The connection broke while the operation was in flight; its outcome is unknown.
+        case connectionLost
+        /// The broker closed a channel (for example a declaration that conflicts with an existing one).
+        case channelClosed
+        /// The broker answered a publish with `basic.nack`.
+        case nacked
+        /// A `mandatory` publish could not be routed to any queue (`basic.return`).
+        case unroutable
+        /// No confirm arrived within the caller's deadline.
+        case confirmTimeout
+        /// The connection was closed by the application.
+        case closed
+        /// A protocol-level failure reported by librabbitmq.
+        case protocolError
+        /// The delivery belongs to a channel or connection that no longer exists.
+        case staleDelivery
+    }
+
+    /// What went wrong.
+    public var code: Code
+    /// A one-line explanation, safe to log (never contains passwords).
+    public var message: String
+    /// librabbitmq's status code (negative) or the broker's AMQP reply code (positive), when known.
+    public var status: Int32?
+
+    public init(_ code: Code, _ message: String, status: Int32? = nil) {
+        self.code = code
+        self.message = message
+        self.status = status
+    }
+
+    /// Whether the same operation may succeed if retried later (for example after a reconnection).
+    public var isRetriable: Bool {
+        switch code {
+        case .connectionFailed, .notConnected, .connectionLost, .nacked, .confirmTimeout, .channelClosed:
+            return true
+        case .invalidURL, .authenticationFailed, .unroutable, .closed, .protocolError, .staleDelivery:
+            return false
+        }
+    }
+
+    public var description: String {
+        if let status { return "AMQPError.\(code.rawValue)(\(status)): \(message)" }
+        return "AMQPError.\(code.rawValue): \(message)"
+    }
+}

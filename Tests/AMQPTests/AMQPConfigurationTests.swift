@@ -1,0 +1,54 @@
+import AMQP
+import Testing
+
+@Suite("AMQP URL parsing")
+struct AMQPConfigurationTests {
+    @Test func fullURLIsPercentDecoded() throws {
+        let c = try AMQPConfiguration(url: "amqp://us%40er:p%3Ass@broker.example:5673/my%2Fvhost")
+        #expect(c.user == "us@er")
+        #expect(c.password == "p:ss")
+        #expect(c.host == "broker.example")
+        #expect(c.port == 5673)
+        #expect(c.virtualHost == "my/vhost")
+    }
+
+    @Test func defaults() throws {
+        let c = try AMQPConfiguration(url: "amqp://localhost")
+        #expect(c.user == "guest" && c.password == "guest")
+        #expect(c.port == 5672)
+        #expect(c.virtualHost == "/")
+        let d = try AMQPConfiguration(url: "amqp://guest:guest@127.0.0.1:5672/%2F")
+        #expect(d.virtualHost == "/")
+    }
+
+    @Test func ipv6Literal() throws {
+        let c = try AMQPConfiguration(url: "amqp://u:p@[::1]:5999/v")
+        #expect(c.host == "::1")
+        #expect(c.port == 5999)
+        #expect(c.redactedURL == "amqp://u@[::1]:5999/v")
+    }
+
+    @Test(arguments: [
+        ("http://localhost", "unsupported AMQP URL scheme"),
+        ("localhost:5672", "must start with amqp://"),
+        ("amqps://localhost", "amqps:// (TLS) is not supported"),
+        ("amqp://localhost:99999/", "invalid port"),
+        ("amqp://localhost:abc/", "invalid port"),
+        ("amqp://u:p%zz@localhost/", "bad percent-escape in the password"),
+        ("amqp://[::1/", "unterminated IPv6"),
+    ])
+    func badURLsAreRejectedClearly(url: String, expected: String) {
+        #expect {
+            _ = try AMQPConfiguration(url: url)
+        } throws: { error in
+            guard let e = error as? AMQPError, e.code == .invalidURL else { return false }
+            return e.message.contains(expected)
+        }
+    }
+
+    @Test func redactedURLHasNoPassword() throws {
+        let c = try AMQPConfiguration(url: "amqp://user:secret-pw@h:1/%2F")
+        #expect(!c.redactedURL.contains("secret-pw"))
+        #expect(c.redactedURL == "amqp://user@h:1/%2F")
+    }
+}

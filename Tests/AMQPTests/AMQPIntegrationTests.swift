@@ -1,0 +1,251 @@
+import AMQP
+import Logging
+import ServiceLifecycle
+import TestSupport
+import Testing
+
+let testLogger: Logger = {
+    var l = Logger(label: "amqp-test")
+    l.logLevel = .warning
+    return l
+}()
+
+func connectToTestBroker(topology: AMQPTopology = AMQPTopology(), url: String? = nil) async throws -> AMQPConnection {
+    var config = try AMQPConfiguration(url: url ?? TestServices.amqpURL(), connectionName: "amqp-tests")
+    config.maxReconnectDelay = .milliseconds(500)
+    return try await AMQPConnection.connect(configuration: config, topology: topology, logger: testLogger)
+}
+
+/// A direct exchange bound to one durable queue, with a dead-letter queue behind it.
+func testTopology(_ name: String) -> AMQPTopology {
+    AMQPTopology(
+        exchanges: [.init("\(name).x"), .init("\(name).dlx", type: "fanout")],
+        queues: [
+            .init("\(name).q", deadLetterExchange: "\(name).dlx"),
+            .init("\(name).dlq"),
+        ],
+        bindings: [
+            .init(queue: "\(name).q", exchange: "\(name).x", routingKey: "k"),
+            .init(queue: "\(name).dlq", exchange: "\(name).dlx"),
+        ])
+}
+
+func cleanUp(_ amqp: AMQPConnection, _ name: String) async {
+    for q in ["\(name).q", "\(name).dlq"] { _ = try? await amqp.deleteQueue(q) }
+    for x in ["\(name).x", "\(name).dlx"] { try? await amqp.deleteExchange(x) }
+    await amqp.close()
+}
+
+@Suite("AMQP client against the real broker", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(2)))
+struct AMQPIntegrationTests {
+    @Test func publishConfirmConsumeAckRoundTrip() async throws {
+        let name = TestServices.unique("roundtrip")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        let props = AMQPProperties(
+            contentType: "application/xml", headers: ["MsgType": "text", "n": 7, "ok": true],
+            messageID: "oUser:123", timestamp: 1_700_000_000, appID: "wx123")
+        let body = "<xml><Content><![CDATA[你好]]></Content></xml>\u{0}tail"
+        try await amqp.publish(AMQPMessage(body, properties: props), exchange: "\(name).x", routingKey: "k")
+
+        let consumer = try await amqp.consume(queue: "\(name).q", prefetch: 10)
+        var iterator = consumer.makeAsyncIterator()
+        let delivery = try #require(try await iterator.next())
+        #expect(delivery.message.bodyString == body)
+        #expect(delivery.message.properties == props)
+        #expect(delivery.routingKey == "k")
+        #expect(delivery.exchange == "\(name).x")
+        #expect(!delivery.redelivered)
+        try await delivery.ack()
+        await consumer.cancel()
+        // Closing the connection would requeue an unacknowledged message; an acknowledged one is gone.
+        await amqp.close()
+        let check = try await connectToTestBroker()
+        #expect(try await check.queueInfo("\(name).q").messageCount == 0)
+        await cleanUp(check, name)
+    }
+
+    @Test func nackWithoutRequeueGoesToTheDeadLetterQueue() async throws {
+        let name = TestServices.unique("dlx")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        try await amqp.publish(AMQPMessage("poison"), exchange: "\(name).x", routingKey: "k")
+        let delivery = try #require(try await amqp.get(queue: "\(name).q"))
+        try await delivery.nack(requeue: false)
+        // Dead-lettering happens in the broker after the nack: await the delivery.
+        let deadLetters = try await amqp.consume(queue: "\(name).dlq", prefetch: 1)
+        var it = deadLetters.makeAsyncIterator()
+        let dead = try #require(try await it.next())
+        #expect(dead.message.bodyString == "poison")
+        // RabbitMQ records why and from where in x-death.
+        guard case .array(let deaths)? = dead.message.properties.headers["x-death"],
+            case .table(let first)? = deaths.first
+        else {
+            Issue.record("dead-lettered message has no x-death header")
+            return
+        }
+        #expect(first["reason"]?.stringValue == "rejected")
+        #expect(first["queue"]?.stringValue == "\(name).q")
+        try await dead.ack()
+        await deadLetters.cancel()
+        #expect(try await amqp.get(queue: "\(name).q") == nil)
+        await cleanUp(amqp, name)
+    }
+
+    @Test func requeuedDeliveryComesBackRedelivered() async throws {
+        let name = TestServices.unique("requeue")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        try await amqp.publish(AMQPMessage("again"), exchange: "\(name).x", routingKey: "k")
+        let first = try #require(try await amqp.get(queue: "\(name).q"))
+        try await first.reject(requeue: true)
+        let second = try #require(try await amqp.get(queue: "\(name).q"))
+        #expect(second.redelivered)
+        #expect(second.message.bodyString == "again")
+        try await second.ack()
+        await cleanUp(amqp, name)
+    }
+
+    @Test func unroutableMandatoryPublishFails() async throws {
+        let name = TestServices.unique("unroutable")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        await #expect {
+            try await amqp.publish(AMQPMessage("nowhere"), exchange: "\(name).x", routingKey: "no-such-key")
+        } throws: { ($0 as? AMQPError)?.code == .unroutable }
+        // Routable messages published around it still confirm.
+        let a = Task { try await amqp.publish(AMQPMessage("a"), exchange: "\(name).x", routingKey: "k") }
+        let b = Task { try await amqp.publish(AMQPMessage("b"), exchange: "\(name).x", routingKey: "nope") }
+        let c = Task { try await amqp.publish(AMQPMessage("c"), exchange: "\(name).x", routingKey: "k") }
+        try await a.value
+        await #expect { try await b.value } throws: { ($0 as? AMQPError)?.code == .unroutable }
+        try await c.value
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == 2)
+        // Without `mandatory`, the broker drops it and confirms.
+        try await amqp.publish(AMQPMessage("dropped"), exchange: "\(name).x", routingKey: "nope", mandatory: false)
+        await cleanUp(amqp, name)
+    }
+
+    @Test func publishToMissingExchangeFailsAndChannelRecovers() async throws {
+        let name = TestServices.unique("noexchange")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        await #expect {
+            try await amqp.publish(AMQPMessage("x"), exchange: "\(name).missing", routingKey: "k")
+        } throws: { error in
+            guard let e = error as? AMQPError else { return false }
+            return e.code == .channelClosed && e.status == 404
+        }
+        try await amqp.publish(AMQPMessage("ok"), exchange: "\(name).x", routingKey: "k")
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == 1)
+        await cleanUp(amqp, name)
+    }
+
+    @Test func conflictingDeclarationIsAClearErrorAndTheConnectionStaysUsable() async throws {
+        let name = TestServices.unique("conflict")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        await #expect {
+            try await amqp.declare(AMQPTopology(queues: [.init("\(name).q", messageTTL: 1000)]))
+        } throws: { error in
+            guard let e = error as? AMQPError else { return false }
+            return e.code == .channelClosed && e.status == 406 && e.message.contains("PRECONDITION_FAILED")
+        }
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == 0)
+        try await amqp.publish(AMQPMessage("still fine"), exchange: "\(name).x", routingKey: "k")
+        await cleanUp(amqp, name)
+    }
+
+    @Test func quorumQueueDeclaresAndWorks() async throws {
+        let name = TestServices.unique("quorum")
+        let topology = AMQPTopology(
+            exchanges: [.init("\(name).x")],
+            queues: [.init("\(name).q", kind: .quorum, deadLetterExchange: "\(name).dlx", maxLength: 1000)],
+            bindings: [.init(queue: "\(name).q", exchange: "\(name).x", routingKey: "k")])
+        let amqp = try await connectToTestBroker(topology: topology)
+        try await amqp.publish(AMQPMessage("q"), exchange: "\(name).x", routingKey: "k")
+        let d = try #require(try await amqp.get(queue: "\(name).q"))
+        #expect(d.message.bodyString == "q")
+        try await d.ack()
+        await cleanUp(amqp, name)
+    }
+
+    @Test func manyConcurrentPublishersAllGetTheirConfirms() async throws {
+        let name = TestServices.unique("concurrent")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        let publishers = 50, each = 40
+        let confirmed = try await withThrowingTaskGroup(of: Int.self) { group in
+            for p in 0..<publishers {
+                group.addTask {
+                    var n = 0
+                    for i in 0..<each {
+                        try await amqp.publish(
+                            AMQPMessage("\(p)-\(i)", properties: AMQPProperties(messageID: "\(p)-\(i)")),
+                            exchange: "\(name).x", routingKey: "k")
+                        n += 1
+                    }
+                    return n
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        #expect(confirmed == publishers * each)
+        #expect(amqp.confirmsInFlight == 0)
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == publishers * each)
+
+        // Consume them all with prefetch and check every one arrived exactly once.
+        let consumer = try await amqp.consume(queue: "\(name).q", prefetch: 100)
+        var seen = Set<String>()
+        for try await d in consumer {
+            seen.insert(d.message.bodyString ?? "")
+            try await d.ack()
+            if seen.count == publishers * each { break }
+        }
+        #expect(seen.count == publishers * each)
+        await cleanUp(amqp, name)
+    }
+
+    @Test func badCredentialsAreAClearError() async throws {
+        let url = try TestServices.amqpURL().replacingOccurrences(of: "guest:guest@", with: "guest:wrong@")
+        await #expect {
+            _ = try await connectToTestBroker(url: url)
+        } throws: { error in
+            guard let e = error as? AMQPError else { return false }
+            return e.code == .authenticationFailed && !e.message.contains("wrong")
+        }
+    }
+
+    @Test func unknownVirtualHostIsAClearError() async throws {
+        let url = try TestServices.amqpURL().replacingOccurrences(of: "/%2F", with: "/no-such-vhost")
+        await #expect {
+            _ = try await connectToTestBroker(url: url)
+        } throws: { error in
+            guard let e = error as? AMQPError else { return false }
+            return e.code == .authenticationFailed && e.message.contains("no-such-vhost")
+        }
+    }
+
+    @Test func refusedConnectionIsAClearError() async throws {
+        // Port 1 on loopback: nothing listens there.
+        await #expect {
+            _ = try await connectToTestBroker(url: "amqp://guest:guest@127.0.0.1:1/%2F")
+        } throws: { error in
+            guard let e = error as? AMQPError else { return false }
+            return e.code == .connectionFailed && e.message.contains("127.0.0.1:1")
+        }
+    }
+
+    @Test func runsAsAServiceAndClosesOnGracefulShutdown() async throws {
+        let name = TestServices.unique("service")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        let group = ServiceGroup(
+            configuration: .init(services: [.init(service: amqp)], logger: testLogger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            try await amqp.publish(AMQPMessage("before shutdown"), exchange: "\(name).x", routingKey: "k")
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        #expect(!amqp.isConnected)
+        await #expect {
+            try await amqp.publish(AMQPMessage("after"), exchange: "\(name).x", routingKey: "k")
+        } throws: { ($0 as? AMQPError)?.code == .notConnected || ($0 as? AMQPError)?.code == .closed }
+        let check = try await connectToTestBroker()
+        #expect(try await check.queueInfo("\(name).q").messageCount == 1)
+        await cleanUp(check, name)
+    }
+}

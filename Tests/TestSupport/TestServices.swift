@@ -1,0 +1,131 @@
+import Foundation
+
+/// Where the brokers started by `ops/test` (through `ops/services`) listen.
+///
+/// Integration suites are enabled when the variable is set, and also under
+/// `CI=true` without it — then they fail with a clear message rather than
+/// skipping silently.
+public enum TestServices {
+    public static let environment = ProcessInfo.processInfo.environment
+    public static var isCI: Bool { environment["CI"] == "true" }
+
+    public static var amqpEnabled: Bool { environment["AMQP_URL"] != nil || isCI }
+
+    public static func amqpURL() throws -> String {
+        guard let url = environment["AMQP_URL"], !url.isEmpty else {
+            throw MissingService(variable: "AMQP_URL")
+        }
+        return url
+    }
+
+    /// A unique name for this test's queues and exchanges.
+    public static func unique(_ prefix: String) -> String {
+        "test.\(prefix).\(UInt32.random(in: .min ... .max))"
+    }
+}
+
+public struct MissingService: Error, CustomStringConvertible {
+    public let variable: String
+    public var description: String {
+        "\(variable) is not set: run the tests through ops/test, which starts RabbitMQ and Redis"
+    }
+}
+
+/// A private RabbitMQ and Redis started with `ops/services start` for one test
+/// that stops and restarts them, so that suites running in parallel are not disturbed.
+public final class PrivateServices: Sendable {
+    public let directory: String
+    public let amqpURL: String
+    public let redisURL: String
+    private let script: String
+
+    public init() async throws {
+        guard let script = TestServices.environment["WR_SERVICES"] else {
+            throw MissingService(variable: "WR_SERVICES")
+        }
+        self.script = script
+        // Nested under the suite's own services directory, so that `ops/services stop`
+        // of the whole run also stops these if a test dies before stopping them.
+        var args = ["start"]
+        if let parent = TestServices.environment["WR_SERVICES_DIR"] {
+            args.append("\(parent)/private-\(UInt32.random(in: 0 ... .max))")
+        }
+        let out = try await runCommand(script, args)
+        var vars: [String: String] = [:]
+        for line in out.split(separator: "\n") where line.hasPrefix("export ") {
+            let kv = line.dropFirst("export ".count).split(separator: "=", maxSplits: 1)
+            if kv.count == 2 { vars[String(kv[0])] = String(kv[1]) }
+        }
+        guard let dir = vars["WR_SERVICES_DIR"], let amqp = vars["AMQP_URL"], let redis = vars["REDIS_URL"] else {
+            throw ServiceScriptError(message: "ops/services start printed no addresses: \(out)")
+        }
+        directory = dir
+        amqpURL = amqp
+        redisURL = redis
+    }
+
+    public func stopRabbitMQ() async throws { try await runCommand(script, ["rabbitmq-stop", directory]) }
+    public func startRabbitMQ() async throws { try await runCommand(script, ["rabbitmq-start", directory]) }
+    public func stopRedis() async throws { try await runCommand(script, ["redis-stop", directory]) }
+    public func startRedis() async throws { try await runCommand(script, ["redis-start", directory]) }
+    public func stopAll() async { _ = try? await runCommand(script, ["stop", directory]) }
+
+    /// Starts private services, runs `body`, and stops them whether `body` throws or not.
+    public static func with<T>(_ body: (PrivateServices) async throws -> T) async throws -> T {
+        let services = try await PrivateServices()
+        do {
+            let result = try await body(services)
+            await services.stopAll()
+            return result
+        } catch {
+            await services.stopAll()
+            throw error
+        }
+    }
+}
+
+public struct ServiceScriptError: Error, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}
+
+/// Runs a program to completion and returns its standard output.
+///
+/// The blocking `waitpid` runs on a thread of its own, never on Swift's
+/// cooperative pool (Foundation's `Process.waitUntilExit` was seen to deadlock
+/// when two tests waited at once).
+@discardableResult
+public func runCommand(_ executable: String, _ arguments: [String]) async throws -> String {
+    let outPath = FileManager.default.temporaryDirectory
+        .appendingPathComponent("wr-cmd-\(UInt64.random(in: 0 ... .max)).out").path
+    defer { try? FileManager.default.removeItem(atPath: outPath) }
+    let status: Int32 = try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread {
+            var actions = posix_spawn_file_actions_t()
+            posix_spawn_file_actions_init(&actions)
+            defer { posix_spawn_file_actions_destroy(&actions) }
+            posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+            let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+            defer { for a in argv { free(a) } }
+            var pid: pid_t = 0
+            let rc = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+            guard rc == 0 else {
+                continuation.resume(throwing: ServiceScriptError(message: "cannot run \(executable): errno \(rc)"))
+                return
+            }
+            var wstatus: Int32 = 0
+            while waitpid(pid, &wstatus, 0) < 0, errno == EINTR {}
+            // WIFEXITED / WEXITSTATUS
+            let exited = (wstatus & 0x7f) == 0
+            continuation.resume(returning: exited ? (wstatus >> 8) & 0xff : 128 + (wstatus & 0x7f))
+        }
+        thread.start()
+    }
+    let out = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
+    guard status == 0 else {
+        throw ServiceScriptError(
+            message: "\(executable) \(arguments.joined(separator: " ")) exited with \(status): \(out)")
+    }
+    return out
+}
