@@ -173,8 +173,18 @@ public final class AMQPConnection: Sendable {
         }
     }
 
-    func settle(_ delivery: AMQPDelivery, _ how: ConnectionCore.Settlement) async throws {
-        try await run { core, c in core.settle(delivery, how, c) }
+    /// Queues an ack/nack/reject for the connection thread without waiting for it:
+    /// settlements need no reply from the broker, and waiting would cost a thread
+    /// hand-off per message. The mailbox is FIFO, so a later ``close()`` sends them first.
+    func settle(_ delivery: AMQPDelivery, _ how: ConnectionCore.Settlement) throws {
+        guard delivery.generation == mailbox.generation else {
+            throw AMQPError(
+                .staleDelivery,
+                "delivery \(delivery.deliveryTag) came on a connection that has since broken; the broker will redeliver it")
+        }
+        guard mailbox.submit({ core in core.settle(delivery, how) }) else {
+            throw AMQPError(.closed, "the connection was closed")
+        }
     }
 
     func cancelConsumer(id: Int) async {

@@ -11,16 +11,19 @@ public struct AMQPDelivery: Sendable {
     let connection: AMQPConnection
 
     /// Acknowledges the delivery: the broker forgets the message.
-    /// - Throws: ``AMQPError/Code/staleDelivery`` if the channel or connection it came
-    ///   on is gone (the broker will redeliver the message).
-    public func ack() async throws { try await connection.settle(self, .ack) }
+    ///
+    /// The ack is queued for the connection's thread and sent in order with other
+    /// settlements; it does not wait for the socket write.
+    /// - Throws: ``AMQPError/Code/staleDelivery`` if the connection it came on has
+    ///   broken since (the broker will redeliver the message), `closed` after ``AMQPConnection/close()``.
+    public func ack() throws { try connection.settle(self, .ack) }
 
     /// Negatively acknowledges: `requeue: false` dead-letters the message (if the queue
     /// has a dead-letter exchange) or drops it; `requeue: true` puts it back.
-    public func nack(requeue: Bool) async throws { try await connection.settle(self, .nack(requeue: requeue)) }
+    public func nack(requeue: Bool) throws { try connection.settle(self, .nack(requeue: requeue)) }
 
     /// Rejects the delivery (`basic.reject`), with the same meaning of `requeue` as ``nack(requeue:)``.
-    public func reject(requeue: Bool) async throws { try await connection.settle(self, .reject(requeue: requeue)) }
+    public func reject(requeue: Bool) throws { try connection.settle(self, .reject(requeue: requeue)) }
 }
 
 /// The deliveries of one consumer, as an `AsyncSequence`.

@@ -249,7 +249,7 @@ final class ConnectionCore {
             throw error
         }
         ok = true
-        mailbox.setConnected(true)
+        mailbox.setConnected(true, generation: generation)
         logger.info(
             "AMQP connected",
             metadata: ["amqp.url": "\(configuration.redactedURL)", "amqp.generation": "\(generation)"])
@@ -651,12 +651,11 @@ final class ConnectionCore {
 
     enum Settlement { case ack, nack(requeue: Bool), reject(requeue: Bool) }
 
-    func settle(_ d: AMQPDelivery, _ how: Settlement, _ done: CheckedContinuation<Void, any Error>) {
+    /// Sends an ack, nack or reject. The caller already checked the generation;
+    /// if the connection broke since, the broker redelivers the message anyway.
+    func settle(_ d: AMQPDelivery, _ how: Settlement) {
         guard let conn, d.generation == generation, openChannels.contains(d.channel) else {
-            done.resume(
-                throwing: AMQPError(
-                    .staleDelivery,
-                    "delivery \(d.deliveryTag) belongs to a closed channel or connection; the broker will redeliver it"))
+            logger.debug("AMQP dropping a settlement for a stale delivery", metadata: ["amqp.delivery_tag": "\(d.deliveryTag)"])
             return
         }
         let status: Int32
@@ -666,12 +665,8 @@ final class ConnectionCore {
         case .reject(let requeue): status = amqp_basic_reject(conn, d.channel, d.deliveryTag, requeue ? 1 : 0)
         }
         if status != Status.ok {
-            let err = AMQPError(.connectionLost, "ack failed: \(Status.describe(status))", status: status)
-            done.resume(throwing: err)
-            connectionLost(err)
-            return
+            connectionLost(AMQPError(.connectionLost, "ack failed: \(Status.describe(status))", status: status))
         }
-        done.resume()
     }
 
     // MARK: - Incoming frames
@@ -789,7 +784,7 @@ final class ConnectionCore {
     private func connectionLost(_ error: AMQPError) {
         guard let state = conn else { return }
         conn = nil
-        mailbox.setConnected(false)
+        mailbox.setConnected(false, generation: 0)
         logger.error(
             "AMQP connection lost", metadata: ["amqp.url": "\(configuration.redactedURL)", "error": "\(error.message)"])
         amqp_destroy_connection(state)
@@ -829,7 +824,7 @@ final class ConnectionCore {
             _ = amqp_connection_close(state, AMQP_REPLY_SUCCESS)
             amqp_destroy_connection(state)
         }
-        mailbox.setConnected(false)
+        mailbox.setConnected(false, generation: 0)
         failAllPending(AMQPError(.closed, "the connection was closed"))
         for record in consumers.values { record.continuation.finish() }
         consumers.removeAll()

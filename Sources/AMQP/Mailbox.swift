@@ -21,6 +21,8 @@ final class Mailbox: Sendable {
     private let wakeWrite: Int32
     private let connected = Atomic<Bool>(false)
     private let inFlight = Atomic<Int>(0)
+    /// The generation of the live connection, 0 while disconnected.
+    private let liveGeneration = Atomic<UInt64>(0)
 
     init() throws {
         var fds: [Int32] = [-1, -1]
@@ -71,7 +73,11 @@ final class Mailbox: Sendable {
 
     func markFinished() { state.withLock { $0.finished = true } }
 
-    func setConnected(_ value: Bool) { connected.store(value, ordering: .releasing) }
+    func setConnected(_ value: Bool, generation: UInt64) {
+        liveGeneration.store(value ? generation : 0, ordering: .releasing)
+        connected.store(value, ordering: .releasing)
+    }
+    var generation: UInt64 { liveGeneration.load(ordering: .acquiring) }
     var isConnected: Bool { connected.load(ordering: .acquiring) }
 
     func setInFlight(_ value: Int) { inFlight.store(value, ordering: .relaxed) }

@@ -55,7 +55,7 @@ struct AMQPIntegrationTests {
         #expect(delivery.routingKey == "k")
         #expect(delivery.exchange == "\(name).x")
         #expect(!delivery.redelivered)
-        try await delivery.ack()
+        try delivery.ack()
         await consumer.cancel()
         // Closing the connection would requeue an unacknowledged message; an acknowledged one is gone.
         await amqp.close()
@@ -69,7 +69,7 @@ struct AMQPIntegrationTests {
         let amqp = try await connectToTestBroker(topology: testTopology(name))
         try await amqp.publish(AMQPMessage("poison"), exchange: "\(name).x", routingKey: "k")
         let delivery = try #require(try await amqp.get(queue: "\(name).q"))
-        try await delivery.nack(requeue: false)
+        try delivery.nack(requeue: false)
         // Dead-lettering happens in the broker after the nack: await the delivery.
         let deadLetters = try await amqp.consume(queue: "\(name).dlq", prefetch: 1)
         var it = deadLetters.makeAsyncIterator()
@@ -84,7 +84,7 @@ struct AMQPIntegrationTests {
         }
         #expect(first["reason"]?.stringValue == "rejected")
         #expect(first["queue"]?.stringValue == "\(name).q")
-        try await dead.ack()
+        try dead.ack()
         await deadLetters.cancel()
         #expect(try await amqp.get(queue: "\(name).q") == nil)
         await cleanUp(amqp, name)
@@ -95,11 +95,11 @@ struct AMQPIntegrationTests {
         let amqp = try await connectToTestBroker(topology: testTopology(name))
         try await amqp.publish(AMQPMessage("again"), exchange: "\(name).x", routingKey: "k")
         let first = try #require(try await amqp.get(queue: "\(name).q"))
-        try await first.reject(requeue: true)
+        try first.reject(requeue: true)
         let second = try #require(try await amqp.get(queue: "\(name).q"))
         #expect(second.redelivered)
         #expect(second.message.bodyString == "again")
-        try await second.ack()
+        try second.ack()
         await cleanUp(amqp, name)
     }
 
@@ -160,7 +160,7 @@ struct AMQPIntegrationTests {
         try await amqp.publish(AMQPMessage("q"), exchange: "\(name).x", routingKey: "k")
         let d = try #require(try await amqp.get(queue: "\(name).q"))
         #expect(d.message.bodyString == "q")
-        try await d.ack()
+        try d.ack()
         await cleanUp(amqp, name)
     }
 
@@ -192,7 +192,7 @@ struct AMQPIntegrationTests {
         var seen = Set<String>()
         for try await d in consumer {
             seen.insert(d.message.bodyString ?? "")
-            try await d.ack()
+            try d.ack()
             if seen.count == publishers * each { break }
         }
         #expect(seen.count == publishers * each)

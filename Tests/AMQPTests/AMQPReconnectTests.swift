@@ -24,7 +24,7 @@ struct AMQPReconnectTests {
             for try await d in consumer {
                 report.yield(.received(d.message.bodyString ?? ""))
                 // Deliveries from before the restart cannot be acked afterwards: they come again.
-                try? await d.ack()
+                try? d.ack()
             }
         }
 

@@ -1,0 +1,81 @@
+import AMQP
+import ArgumentParser
+import Logging
+import Foundation
+import Synchronization
+
+struct AMQPOptions: ParsableArguments {
+    @Option(help: "Broker URL.") var url: String = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    @Option(help: "Queue (durable, declared if missing).") var queue: String = "bench.amqp"
+    @Option(help: "Messages.") var count: Int = 100_000
+
+    func connect() async throws -> AMQPConnection {
+        var logger = Logger(label: "relay-bench")
+        logger.logLevel = .warning
+        return try await AMQPConnection.connect(
+            configuration: AMQPConfiguration(url: url, connectionName: "relay-bench"),
+            topology: AMQPTopology(queues: [.init(queue)]), logger: logger)
+    }
+}
+
+/// Publish-with-confirm throughput of 1 KiB persistent messages with N in flight.
+struct AMQPPublishBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "amqp-publish")
+    @OptionGroup var options: AMQPOptions
+    @Option(help: "Publishes awaiting their confirm at once (concurrent publishers).") var inflight: Int = 100
+
+    func run() async throws {
+        let amqp = try await options.connect()
+        let message = AMQPMessage(
+            body: [UInt8](repeating: UInt8(ascii: "x"), count: 1024),
+            properties: AMQPProperties(contentType: "application/xml", persistent: true))
+        let remaining = Countdown(options.count)
+        let queue = options.queue
+        let start = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<inflight {
+                group.addTask {
+                    while remaining.take() {
+                        try await amqp.publish(message, exchange: "", routingKey: queue)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        print(String(format: "%.0f", Double(options.count) / (ContinuousClock.now - start).seconds))
+        await amqp.close()
+    }
+}
+
+/// Consume + ack throughput with a given prefetch.
+struct AMQPConsumeBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "amqp-consume")
+    @OptionGroup var options: AMQPOptions
+    @Option(help: "basic.qos prefetch count.") var prefetch: UInt16 = 100
+
+    func run() async throws {
+        let amqp = try await options.connect()
+        let consumer = try await amqp.consume(queue: options.queue, prefetch: prefetch)
+        var n = 0
+        let start = ContinuousClock.now
+        for try await delivery in consumer {
+            try delivery.ack()
+            n += 1
+            if n == options.count { break }
+        }
+        print(String(format: "%.0f", Double(n) / (ContinuousClock.now - start).seconds))
+        await amqp.close()
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+/// Hands out a fixed number of work items to concurrent tasks.
+final class Countdown: Sendable {
+    private let left: Atomic<Int>
+    init(_ n: Int) { left = Atomic(n) }
+    /// `true` while items remain (and takes one).
+    func take() -> Bool { left.subtract(1, ordering: .relaxed).oldValue > 0 }
+}
