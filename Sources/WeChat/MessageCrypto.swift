@@ -7,6 +7,11 @@ public struct EncodingAESKey: Sendable, Equatable {
     /// The 32 key bytes; the first 16 are also the CBC IV.
     public let bytes: [UInt8]
 
+    /// The CBC IV: the key's first 16 bytes.
+    let iv: AES._CBC.IV
+
+    public static func == (a: EncodingAESKey, b: EncodingAESKey) -> Bool { a.bytes == b.bytes }
+
     /// - Throws: ``WeChatError/Code/illegalAESKey`` saying what is wrong (never echoing the key).
     public init(_ text: String) throws {
         guard text.utf8.count == 43 else {
@@ -16,6 +21,7 @@ public struct EncodingAESKey: Sendable, Equatable {
             throw WeChatError(.illegalAESKey, "EncodingAESKey is not valid Base64")
         }
         bytes = Array(data)
+        iv = try AES._CBC.IV(ivBytes: bytes[0..<16])
     }
 }
 
@@ -28,14 +34,9 @@ public struct WeChatMessageCrypto: Sendable {
     public let appID: String
     private let keys: [Key]
 
-    /// Raw bytes: `SymmetricKey` is not `Sendable` in swift-crypto 3, so one is made per use (32 bytes).
     private struct Key: Sendable {
-        let bytes: [UInt8]
-        var symmetric: SymmetricKey { SymmetricKey(data: bytes) }
-        var iv: AES._CBC.IV {
-            // 16 bytes by construction (EncodingAESKey is 32 bytes), so this cannot fail.
-            (try? AES._CBC.IV(ivBytes: bytes[0..<16])) ?? AES._CBC.IV()
-        }
+        let symmetric: SymmetricKey
+        let iv: AES._CBC.IV
     }
 
     /// - Parameters:
@@ -43,7 +44,9 @@ public struct WeChatMessageCrypto: Sendable {
     ///   - previousKey: the key before a rotation, still accepted for decryption.
     public init(appID: String, key: EncodingAESKey, previousKey: EncodingAESKey? = nil) {
         self.appID = appID
-        self.keys = ([key] + (previousKey.map { [$0] } ?? [])).map { Key(bytes: $0.bytes) }
+        self.keys = ([key] + (previousKey.map { [$0] } ?? [])).map { k in
+            Key(symmetric: SymmetricKey(data: k.bytes), iv: k.iv)
+        }
     }
 
     /// Encrypts a message (normally reply XML) to the Base64 `Encrypt` text.

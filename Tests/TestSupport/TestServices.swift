@@ -26,6 +26,7 @@ public enum TestServices {
 
 public struct MissingService: Error, CustomStringConvertible {
     public let variable: String
+    public init(variable: String) { self.variable = variable }
     public var description: String {
         "\(variable) is not set: run the tests through ops/test, which starts RabbitMQ and Redis"
     }
