@@ -17,6 +17,7 @@ let package = Package(
         .executable(name: "relay-bench", targets: ["RelayBench"]),
         .library(name: "AMQP", targets: ["AMQP"]),
         .library(name: "WeChat", targets: ["WeChat"]),
+        .library(name: "Redis", targets: ["Redis"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -30,15 +31,26 @@ let package = Package(
             pkgConfig: "librabbitmq",
             providers: [.apt(["librabbitmq-dev"])]
         ),
+        // hiredis' pkg-config file adds -D_FILE_OFFSET_BITS=64, which SwiftPM refuses
+        // with a warning on every build; the shim includes <hiredis/hiredis.h> from the
+        // default include path instead and the module map links libhiredis.
         .systemLibrary(
             name: "CHiredis",
-            pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
         ),
         .target(
             name: "AMQP",
             dependencies: [
                 "CRabbitMQ",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(
+            name: "Redis",
+            dependencies: [
+                "CHiredis",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
@@ -73,6 +85,7 @@ let package = Package(
             name: "RelayBench",
             dependencies: [
                 "AMQP",
+                "Redis",
                 "WeChat",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -84,6 +97,14 @@ let package = Package(
             dependencies: [
                 "AMQP",
                 "TestSupport",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .testTarget(
+            name: "RedisTests",
+            dependencies: [
+                "Redis", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]

@@ -5,6 +5,6 @@
 #ifndef WECHATRELAY_CHIREDIS_SHIM_H
 #define WECHATRELAY_CHIREDIS_SHIM_H
 
-#include <hiredis.h>
+#include <hiredis/hiredis.h>
 
 #endif

@@ -18,6 +18,15 @@ public enum TestServices {
         return url
     }
 
+    public static var redisEnabled: Bool { environment["REDIS_URL"] != nil || isCI }
+
+    public static func redisURL() throws -> String {
+        guard let url = environment["REDIS_URL"], !url.isEmpty else {
+            throw MissingService(variable: "REDIS_URL")
+        }
+        return url
+    }
+
     /// A unique name for this test's queues and exchanges.
     public static func unique(_ prefix: String) -> String {
         "test.\(prefix).\(UInt32.random(in: .min ... .max))"

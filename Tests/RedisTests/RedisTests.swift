@@ -1,0 +1,254 @@
+import Logging
+import Redis
+import ServiceLifecycle
+import TestSupport
+import Testing
+
+let redisLogger = Logger(label: "redis-test")
+
+func testPool(size: Int = 8, url: String? = nil, commandTimeout: Duration = .seconds(2)) throws -> RedisPool {
+    var configuration = try RedisConfiguration(url: url ?? TestServices.redisURL())
+    configuration.commandTimeout = commandTimeout
+    return RedisPool(configuration: configuration, size: size, logger: redisLogger)
+}
+
+@Suite("Redis URL parsing")
+struct RedisConfigurationTests {
+    @Test func tcpURLs() throws {
+        let c = try RedisConfiguration(url: "redis://alice:p%40ss@cache.example:6380/3")
+        #expect(c.endpoint == .tcp(host: "cache.example", port: 6380))
+        #expect(c.user == "alice" && c.password == "p@ss" && c.database == 3)
+        #expect(!c.redactedURL.contains("p@ss"))
+        let d = try RedisConfiguration(url: "redis://127.0.0.1")
+        #expect(d.endpoint == .tcp(host: "127.0.0.1", port: 6379) && d.database == 0 && d.password == nil)
+        let e = try RedisConfiguration(url: "redis://:secret@h:1/0")
+        #expect(e.user == nil && e.password == "secret")
+    }
+
+    @Test func unixURLs() throws {
+        let c = try RedisConfiguration(url: "unix:///run/redis.sock?db=2")
+        #expect(c.endpoint == .unix(path: "/run/redis.sock") && c.database == 2)
+        #expect(try RedisConfiguration(url: "unix:/tmp/r.sock").endpoint == .unix(path: "/tmp/r.sock"))
+    }
+
+    @Test(arguments: ["", "localhost:6379", "http://h", "redis://", "redis://h/abc", "rediss://h", "unix:", "redis://h:0/"])
+    func badURLs(url: String) {
+        #expect { try RedisConfiguration(url: url) } throws: { ($0 as? RedisError)?.code == .invalidURL }
+    }
+}
+
+@Suite("Redis client against the real Redis", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+struct RedisTests {
+    @Test func everyHelper() async throws {
+        let redis = try testPool()
+        let k = TestServices.unique("helpers")
+        #expect(try await redis.get(k) == nil)
+        #expect(try await redis.set(k, to: "v1"))
+        #expect(try await redis.getString(k) == "v1")
+        #expect(try await redis.set(k, to: "v2", condition: .ifAbsent) == false)
+        #expect(try await redis.getString(k) == "v1")
+        #expect(try await redis.set(k, to: "v3", condition: .ifPresent))
+        #expect(try await redis.set(k + ":new", to: "x", condition: .ifPresent) == false)
+        #expect(try await redis.set(k, to: "v4", expiration: .seconds(100)))
+        #expect((1...100).contains(try await redis.ttl(k)))
+        #expect(try await redis.set(k, to: "v5", expiration: .milliseconds(100_000)))
+        #expect(try await redis.ttl(k) > 0)
+        #expect(try await redis.expire(k, seconds: 1000))
+        #expect(try await redis.expire(k + ":missing", seconds: 10) == false)
+        #expect(try await redis.del(k, k + ":missing") == 1)
+        #expect(try await redis.incr(k + ":n") == 1)
+        #expect(try await redis.incr(k + ":n") == 2)
+        #expect(try await redis.hset(k + ":h", ["a": "1", "b": "二"]) == 2)
+        #expect(try await redis.hincrby(k + ":h", field: "a", by: 41) == 42)
+        #expect(try await redis.hgetall(k + ":h") == ["a": "42", "b": "二"])
+        #expect(try await redis.hgetall(k + ":none") == [:])
+        #expect(try await redis.publish(k + ":chan", Array("hi".utf8)) == 0)
+        // An error reply is a clear error and does not break the connection.
+        _ = try await redis.set(k, to: "string")
+        await #expect { try await redis.hset(k, ["x": "y"]) } throws: { error in
+            guard let e = error as? RedisError else { return false }
+            return e.code == .serverError && e.message.hasPrefix("WRONGTYPE")
+        }
+        await #expect { try await redis.hgetall(k) } throws: { ($0 as? RedisError)?.code == .serverError }
+        #expect(try await redis.getString(k) == "string")
+        try await redis.del(k, k + ":n", k + ":h")
+        redis.close()
+    }
+
+    @Test func binaryValuesSurviveIntact() async throws {
+        let redis = try testPool()
+        let k = TestServices.unique("binary")
+        let value: [UInt8] = [0, 1, 2, 0, 0xFF, 0xFE, 0xC3, 0x28, 0x0A, 0x0D, 0] + Array("中文".utf8)
+        try await redis.set(k, to: value)
+        #expect(try await redis.get(k) == value)
+        // Binary keys too, and an empty value.
+        let key = RedisArgument([0x6B, 0, 0xFF])
+        _ = try await redis.send(["SET", key, RedisArgument([])])
+        #expect(try await redis.send(["GET", key]) == .string([]))
+        _ = try await redis.send(["DEL", key])
+        try await redis.del(k)
+        redis.close()
+    }
+
+    @Test func pipelineOfAThousandCommands() async throws {
+        let redis = try testPool()
+        let k = TestServices.unique("pipeline")
+        let commands: [[RedisArgument]] = (0..<1000).map { i in ["SET", .init("\(k):\(i)"), .init(i)] }
+        let replies = try await redis.pipeline(commands)
+        #expect(replies.count == 1000)
+        #expect(replies.allSatisfy { $0 == .status("OK") })
+        let gets = try await redis.pipeline((0..<1000).map { i in ["GET", .init("\(k):\(i)")] })
+        #expect(gets.map(\.int) == (0..<1000).map { Int64($0) })
+        // An error reply stays with its own command.
+        let mixed = try await redis.pipeline([["INCR", .init("\(k):1")], ["HGET", .init("\(k):1"), "f"], ["INCR", .init("\(k):1")]])
+        #expect(mixed[0] == .integer(2))
+        if case .error(let m) = mixed[1] { #expect(m.hasPrefix("WRONGTYPE")) } else { Issue.record("expected an error reply") }
+        #expect(mixed[2] == .integer(3))
+        _ = try await redis.pipeline((0..<1000).map { i in ["DEL", .init("\(k):\(i)")] })
+        redis.close()
+    }
+
+    @Test func luaCompareAndSetHasExactlyOneWinner() async throws {
+        let redis = try testPool(size: 8)
+        let k = TestServices.unique("cas")
+        try await redis.set(k, to: "old")
+        // Replace the value only if it is still the expected one.
+        let cas = RedisScript(
+            """
+            if redis.call('GET', KEYS[1]) == ARGV[1] then
+              redis.call('SET', KEYS[1], ARGV[2])
+              return 1
+            end
+            return 0
+            """)
+        // Drop the script from the cache so the first EVALSHA meets NOSCRIPT.
+        _ = try await redis.send(["SCRIPT", "FLUSH"])
+        let wins = try await withThrowingTaskGroup(of: Int.self) { group in
+            for i in 0..<200 {
+                group.addTask {
+                    try await redis.eval(cas, keys: [k], arguments: ["old", .init("new-\(i)")]).int == 1 ? 1 : 0
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        #expect(wins == 1)
+        #expect(try await redis.getString(k)?.hasPrefix("new-") == true)
+        try await redis.del(k)
+        redis.close()
+    }
+
+    @Test func concurrentIncrementsAreNeverLost() async throws {
+        let redis = try testPool(size: 4)
+        let k = TestServices.unique("incr")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<50 { group.addTask { for _ in 0..<20 { try await redis.incr(k) } } }
+            try await group.waitForAll()
+        }
+        #expect(try await redis.getString(k) == "1000")
+        #expect(redis.openConnections <= 4)
+        try await redis.del(k)
+        redis.close()
+    }
+
+    @Test func poolExhaustionWaitsRatherThanFails() async throws {
+        let redis = try testPool(size: 1)
+        let k = TestServices.unique("exhaust")
+        let (held, holding) = AsyncStream<Void>.makeStream()
+        let (release, releasing) = AsyncStream<Void>.makeStream()
+        // Hold the only connection until told to give it back.
+        let holder = Task {
+            try await redis.withConnection { c in
+                _ = try await c.send(["SET", .init(k), "held"])
+                holding.yield()
+                for await _ in release { break }
+            }
+        }
+        for await _ in held { break }
+        // This caller has to wait for the connection; it must not fail.
+        let waiter = Task { try await redis.getString(k) }
+        while redis.waitingCallers == 0 { await Task.yield() }  // it is in line
+        releasing.yield()
+        #expect(try await waiter.value == "held")
+        try await holder.value
+        #expect(redis.openConnections == 1)
+        try await redis.del(k)
+        redis.close()
+    }
+
+    @Test func wrongPasswordAndRefusedConnectionAreClearErrors() async throws {
+        let admin = try testPool(size: 1)
+        let user = "wr\(UInt32.random(in: 0 ... .max))"
+        _ = try await admin.send(["ACL", "SETUSER", .init(user), "on", ">right-password", "~*", "+@all"])
+        let base = try TestServices.redisURL().replacingOccurrences(of: "redis://", with: "")
+        // The right password works (AUTH with a user name).
+        let good = try testPool(url: "redis://\(user):right-password@\(base)")
+        #expect(try await good.send(["PING"]) == .status("PONG"))
+        good.close()
+        let bad = try testPool(url: "redis://\(user):wrong-password@\(base)")
+        await #expect { try await bad.send(["PING"]) } throws: { error in
+            guard let e = error as? RedisError else { return false }
+            return e.code == .authenticationFailed && !e.message.contains("wrong-password") && !e.isRetriable
+        }
+        _ = try await admin.send(["ACL", "DELUSER", .init(user)])
+        admin.close()
+        let refused = try testPool(url: "redis://127.0.0.1:1/0")
+        await #expect { try await refused.send(["PING"]) } throws: { error in
+            guard let e = error as? RedisError else { return false }
+            return e.code == .connectionFailed && e.isRetriable && e.message.contains("127.0.0.1:1")
+        }
+    }
+
+    @Test func selectsTheDatabaseFromTheURL() async throws {
+        let url = try TestServices.redisURL()
+        let db5 = try testPool(url: url.replacingOccurrences(of: "/0", with: "/5"))
+        let k = TestServices.unique("db")
+        try await db5.set(k, to: "in-5")
+        let db0 = try testPool(url: url)
+        #expect(try await db0.get(k) == nil)
+        #expect(try await db5.getString(k) == "in-5")
+        try await db5.del(k)
+        db5.close()
+        db0.close()
+    }
+
+    @Test func runsAsAServiceAndClosesOnShutdown() async throws {
+        let redis = try testPool()
+        let group = ServiceGroup(configuration: .init(services: [.init(service: redis)], logger: redisLogger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            #expect(try await redis.send(["PING"]) == .status("PONG"))
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        await #expect { try await redis.send(["PING"]) } throws: { ($0 as? RedisError)?.code == .closed }
+    }
+}
+
+@Suite("Redis recovers from a restart", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+struct RedisRestartTests {
+    @Test func redisRestartedMidRun() async throws {
+        try await PrivateServices.with { services in
+            let redis = try testPool(size: 4, url: services.redisURL, commandTimeout: .seconds(60))
+            for i in 0..<20 { try await redis.set("k\(i)", to: "v") }
+            #expect(redis.openConnections >= 1)
+            // A command in flight when Redis dies fails with a retriable error.
+            let blocked = Task { try await redis.send(["BLPOP", "never-filled", "0"]) }
+            // Wait until Redis reports the BLPOP parked (each check is a round trip, not a sleep).
+            while try await redis.send(["INFO", "clients"]).text?.contains("blocked_clients:1") != true {
+                await Task.yield()
+            }
+            try await services.stopRedis()
+            await #expect { try await blocked.value } throws: { ($0 as? RedisError)?.isRetriable == true }
+            await #expect { try await redis.send(["PING"]) } throws: { error in
+                guard let e = error as? RedisError else { return false }
+                return e.code == .connectionFailed && e.isRetriable
+            }
+            try await services.startRedis()
+            // Back without restarting anything: stale idle connections are replaced.
+            for _ in 0..<10 { #expect(try await redis.send(["PING"]) == .status("PONG")) }
+            try await redis.set("after", to: "restart")
+            #expect(try await redis.getString("after") == "restart")
+            redis.close()
+        }
+    }
+}
