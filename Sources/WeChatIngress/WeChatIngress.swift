@@ -1,15 +1,51 @@
+import AMQP
 import ArgumentParser
+import Ingress
+import Logging
+import RelayCore
+import ServiceLifecycle
 
-/// `wechat-ingress`: HTTP endpoint that WeChat's servers call; verifies and enqueues to RabbitMQ.
+/// `wechat-ingress`: the HTTP endpoint that WeChat's servers call.
 @main
-struct Main: ParsableCommand {
+struct WeChatIngressCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "wechat-ingress",
-        abstract: "HTTP endpoint that WeChat's servers call; verifies and enqueues to RabbitMQ.",
-        discussion: "Configured from the environment (WECHAT_APPID, WECHAT_TOKEN, WECHAT_AES_KEY, AMQP_URL, HTTP_PORT, …; see docs/CONTRACT.md). Placeholder: a later issue implements it."
+        abstract: "HTTP endpoint that WeChat's servers call; verifies every push and enqueues it durably to RabbitMQ.",
+        discussion: """
+            Configured by environment variables (or a .env file in the working directory; the environment wins):
+              WECHAT_APPID (required), WECHAT_TOKEN (required), WECHAT_AES_KEY, WECHAT_ACCOUNT_ID,
+              WECHAT_PREVIOUS_TOKEN, WECHAT_PREVIOUS_AES_KEY, AMQP_URL, HTTP_HOST, HTTP_PORT (8080),
+              INGRESS_TIMESTAMP_WINDOW (300), INGRESS_MAX_BODY (65536), INGRESS_CONFIRM_TIMEOUT (4), LOG_LEVEL.
+            Serves POST/GET /wechat, /healthz, /readyz and /metrics. See docs/CONTRACT.md.
+            """
     )
 
-    func run() throws {
-        throw ValidationError("wechat-ingress is not implemented yet")
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-ingress") {
+            let env = try await RelayEnvironment.load()
+            try RelayBootstrap.logging(env)
+            let configuration = try IngressConfiguration(env)
+            var logger = Logger(label: "wechat-ingress")
+            logger[metadataKey: "wechat.appid"] = "\(configuration.appID)"
+            let metrics = IngressMetrics(registry: RelayBootstrap.metrics())
+            // Connects in the background: until RabbitMQ is reachable, /readyz fails and pushes get 503.
+            let amqp = try AMQPConnection(
+                configuration: configuration.amqp, topology: configuration.topology.inbound, logger: logger)
+            let handler = IngressHandler(configuration: configuration, amqp: amqp, metrics: metrics, logger: logger)
+            let app = buildIngressApplication(handler, logger: logger)
+            logger.info(
+                "wechat-ingress starting",
+                metadata: [
+                    "http.address": "\(configuration.host):\(configuration.port)",
+                    "amqp.url": "\(configuration.amqp.redactedURL)",
+                    "wechat.safe_mode": "\(configuration.crypto != nil)",
+                ])
+            // The HTTP server is last: it stops first, then the AMQP connection drains its confirms.
+            let group = ServiceGroup(
+                configuration: .init(
+                    services: [.init(service: amqp), .init(service: app)],
+                    gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            try await group.run()
+        }
     }
 }

@@ -1,0 +1,247 @@
+import AMQP
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import RelayCore
+import WeChat
+
+/// A request the ingress refuses: the HTTP status of docs/CONTRACT.md and the
+/// reason that goes into the log line (never a secret or a body).
+struct Rejection: Error {
+    let status: HTTPResponse.Status
+    let outcome: IngressMetrics.Outcome
+    let reason: String
+
+    static func forbidden(_ reason: String) -> Rejection { Rejection(status: .forbidden, outcome: .forbidden, reason: reason) }
+    static func badRequest(_ reason: String) -> Rejection { Rejection(status: .badRequest, outcome: .badRequest, reason: reason) }
+}
+
+/// The ingress's request handling: verification, decryption, parsing, and the
+/// durable publish to RabbitMQ before `success`. No business logic and no
+/// Redis, so replicas scale behind a load balancer.
+public struct IngressHandler: Sendable {
+    public let configuration: IngressConfiguration
+    public let amqp: AMQPConnection
+    public let metrics: IngressMetrics
+    let logger: Logger
+    /// Seconds since the Unix epoch; replaceable in tests.
+    let now: @Sendable () -> Int64
+
+    public init(
+        configuration: IngressConfiguration, amqp: AMQPConnection, metrics: IngressMetrics, logger: Logger,
+        now: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970) }
+    ) {
+        self.configuration = configuration
+        self.amqp = amqp
+        self.metrics = metrics
+        self.logger = logger
+        self.now = now
+    }
+
+    // MARK: - GET /wechat: URL verification
+
+    func verify(_ request: Request) -> Response {
+        let q = request.uri.queryParameters
+        do {
+            try checkSignature(q)
+            guard let echostr = q.get("echostr") else { throw Rejection.badRequest("verification without echostr") }
+            metrics.count(.verified)
+            logger.info("URL verification answered")
+            return Self.text(.ok, echostr)
+        } catch let r as Rejection {
+            return reject(r, request)
+        } catch {
+            return reject(.badRequest("\(error)"), request)
+        }
+    }
+
+    // MARK: - POST /wechat: a pushed message
+
+    func receive(_ request: Request) async -> Response {
+        let q = request.uri.queryParameters
+        let receivedAt = Date()
+        do {
+            try checkSignature(q)
+            let body = try await collectBody(request)
+            let inbound = try decode(body, query: q)
+            try await publish(inbound, receivedAt: receivedAt)
+            metrics.count(.accepted)
+            logger.debug(
+                "message accepted",
+                metadata: [
+                    "wechat.openid": "\(inbound.message.fromUserName)", "wechat.msg_type": "\(inbound.message.msgType)",
+                    "wechat.dedup_key": "\(inbound.message.dedupKey)", "wechat.mode": "\(inbound.mode)",
+                ])
+            return Self.text(.ok, "success")
+        } catch let r as Rejection {
+            return reject(r, request)
+        } catch {
+            return reject(.badRequest("\(error)"), request)
+        }
+    }
+
+    private func checkSignature(_ q: Parameters) throws {
+        guard let signature = q.get("signature"), let timestamp = q.get("timestamp"), let nonce = q.get("nonce") else {
+            throw Rejection.forbidden("missing signature, timestamp or nonce")
+        }
+        do {
+            try WeChatSignature.checkTimestamp(timestamp, now: now(), window: configuration.timestampWindow)
+        } catch let e as WeChatError {
+            throw Rejection.forbidden(e.message)
+        }
+        guard configuration.tokens.contains(where: { WeChatSignature.verify(signature, parts: [$0, timestamp, nonce]) })
+        else {
+            throw Rejection.forbidden("signature does not match the Token (or the previous Token)")
+        }
+    }
+
+    private func collectBody(_ request: Request) async throws -> ByteBuffer {
+        if let length = request.headers[.contentLength].flatMap(Int.init), length > configuration.maxBody {
+            throw Rejection(
+                status: .contentTooLarge, outcome: .tooLarge,
+                reason: "body of \(length) bytes exceeds INGRESS_MAX_BODY (\(configuration.maxBody))")
+        }
+        do {
+            let body = try await request.body.collect(upTo: configuration.maxBody)
+            metrics.body(body.readableBytes)
+            return body
+        } catch is NIOTooManyBytesError {
+            throw Rejection(
+                status: .contentTooLarge, outcome: .tooLarge,
+                reason: "body exceeds INGRESS_MAX_BODY (\(configuration.maxBody) bytes)")
+        }
+    }
+
+    struct Inbound {
+        var message: InboundMessage
+        var xml: [UInt8]
+        var mode: String
+    }
+
+    /// Parses the body; in safe and compatible modes verifies `msg_signature` and decrypts.
+    private func decode(_ body: ByteBuffer, query q: Parameters) throws -> Inbound {
+        let bytes = Array(body.readableBytesView)
+        guard !bytes.isEmpty else { throw Rejection.badRequest("empty body") }
+        let limits = XMLLimits(maxBytes: configuration.maxBody)
+        let root = try parse(bytes, limits: limits)
+        guard q.get("encrypt_type") == "aes" else {
+            return Inbound(message: try message(root), xml: bytes, mode: "plaintext")
+        }
+        guard let crypto = configuration.crypto else {
+            throw Rejection.badRequest("encrypted message, but WECHAT_AES_KEY is not configured")
+        }
+        guard let msgSignature = q.get("msg_signature") else { throw Rejection.forbidden("missing msg_signature") }
+        guard let encrypted = root[child: "Encrypt"]?.text, !encrypted.isEmpty else {
+            throw Rejection.badRequest("encrypt_type=aes but the body has no <Encrypt>")
+        }
+        guard let timestamp = q.get("timestamp"), let nonce = q.get("nonce"),
+            configuration.tokens.contains(where: {
+                WeChatSignature.verify(msgSignature, parts: [$0, timestamp, nonce, encrypted])
+            })
+        else {
+            throw Rejection.forbidden("msg_signature does not match")
+        }
+        let plain: String
+        do {
+            plain = try crypto.decrypt(encrypted)
+        } catch let e as WeChatError {
+            throw Rejection.badRequest("cannot decrypt (\(e.code.officialCode)): \(e.message)")
+        }
+        let xml = Array(plain.utf8)
+        let mode = root[child: "MsgType"] != nil ? "compatible" : "safe"
+        return Inbound(message: try message(try parse(xml, limits: limits)), xml: xml, mode: mode)
+    }
+
+    private func parse(_ bytes: [UInt8], limits: XMLLimits) throws -> XMLElement {
+        do {
+            return try WeChatXML.parse(bytes, limits: limits)
+        } catch let e as WeChatError {
+            throw Rejection.badRequest("XML rejected (\(e.code.rawValue)): \(e.message)")
+        }
+    }
+
+    private func message(_ root: XMLElement) throws -> InboundMessage {
+        let m: InboundMessage
+        do {
+            m = try InboundMessage(root: root)
+        } catch let e as WeChatError {
+            throw Rejection.badRequest(e.message)
+        }
+        if let account = configuration.accountID, m.toUserName != account {
+            throw Rejection.badRequest("ToUserName is not WECHAT_ACCOUNT_ID")
+        }
+        return m
+    }
+
+    /// Publishes persistently and waits for the broker's confirm (at most INGRESS_CONFIRM_TIMEOUT).
+    private func publish(_ inbound: Inbound, receivedAt: Date) async throws {
+        let m = inbound.message
+        let ms = Int64(receivedAt.timeIntervalSince1970 * 1000)
+        var headers: AMQPTable = [
+            WeChatTopology.Header.msgType: .string(m.msgType),
+            WeChatTopology.Header.openID: .string(m.fromUserName),
+            WeChatTopology.Header.receivedAtMs: .int(ms),
+            WeChatTopology.Header.mode: .string(inbound.mode),
+        ]
+        if let event = m.event { headers[WeChatTopology.Header.event] = .string(event) }
+        let properties = AMQPProperties(
+            contentType: "application/xml", headers: headers, persistent: true, messageID: m.dedupKey,
+            timestamp: UInt64(ms / 1000), appID: configuration.appID)
+        let topology = configuration.topology
+        let start = ContinuousClock.now
+        do {
+            try await amqp.publish(
+                AMQPMessage(body: inbound.xml, properties: properties), exchange: topology.inboundExchange,
+                routingKey: topology.routingKey(openID: m.fromUserName), confirmTimeout: configuration.confirmTimeout)
+            metrics.published(after: ContinuousClock.now - start)
+        } catch let e as AMQPError {
+            throw Rejection(
+                status: .serviceUnavailable, outcome: .unavailable, reason: "not confirmed by RabbitMQ: \(e.message)")
+        }
+    }
+
+    private func reject(_ r: Rejection, _ request: Request) -> Response {
+        metrics.count(r.outcome)
+        let level: Logger.Level = r.status == .serviceUnavailable ? .error : .warning
+        logger.log(
+            level: level, "request rejected",
+            metadata: [
+                "http.method": "\(request.method)", "http.status": "\(r.status.code)", "reason": "\(r.reason)",
+                "wechat.openid": "\(request.uri.queryParameters.get("openid") ?? "-")",
+            ])
+        return Self.text(r.status, r.status == .serviceUnavailable ? "service unavailable" : r.status.reasonPhrase)
+    }
+
+    static func text(_ status: HTTPResponse.Status, _ body: String) -> Response {
+        Response(
+            status: status, headers: [.contentType: "text/plain; charset=utf-8"],
+            body: ResponseBody(byteBuffer: ByteBuffer(string: body)))
+    }
+}
+
+/// Builds the ingress router: `/wechat` (GET, POST), `/healthz`, `/readyz`, `/metrics`.
+public func buildIngressRouter(_ handler: IngressHandler) -> Router<BasicRequestContext> {
+    let router = Router()
+    router.get("/wechat") { request, _ in handler.verify(request) }
+    router.post("/wechat") { request, _ in await handler.receive(request) }
+    router.get("/healthz") { _, _ in IngressHandler.text(.ok, "ok") }
+    router.get("/readyz") { _, _ in
+        handler.amqp.isConnected
+            ? IngressHandler.text(.ok, "ready") : IngressHandler.text(.serviceUnavailable, "RabbitMQ connection is down")
+    }
+    router.get("/metrics") { _, _ in
+        Response(
+            status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+            body: ResponseBody(byteBuffer: ByteBuffer(string: handler.metrics.render(confirmsInFlight: handler.amqp.confirmsInFlight))))
+    }
+    return router
+}
+
+/// Builds the ingress application (an HTTP server `Service`).
+public func buildIngressApplication(_ handler: IngressHandler, logger: Logger) -> some ApplicationProtocol {
+    Application(
+        router: buildIngressRouter(handler),
+        configuration: .init(address: .hostname(handler.configuration.host, port: handler.configuration.port)),
+        logger: logger)
+}

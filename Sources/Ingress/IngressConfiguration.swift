@@ -1,0 +1,57 @@
+import AMQP
+import RelayCore
+import WeChat
+
+/// The ingress's settings, from the variables of docs/CONTRACT.md.
+public struct IngressConfiguration: Sendable {
+    public var appID: String
+    /// Tokens accepted for signatures: the current one, then the previous one during a rotation.
+    public var tokens: [String]
+    /// Set when `WECHAT_AES_KEY` is: enables compatible and safe modes (with the previous key for rotation).
+    public var crypto: WeChatMessageCrypto?
+    /// When set, a message whose `ToUserName` differs is rejected.
+    public var accountID: String?
+    public var amqp: AMQPConfiguration
+    public var host: String
+    public var port: Int
+    /// Seconds a request's timestamp may differ from now; 0 disables the check.
+    public var timestampWindow: Int64
+    public var maxBody: Int
+    public var confirmTimeout: Duration
+    public var topology: WeChatTopology
+
+    /// - Throws: ``ConfigurationError`` naming the variable.
+    public init(_ env: RelayEnvironment) throws {
+        let appID = try env.required("WECHAT_APPID")
+        self.appID = appID
+        let token = try env.required("WECHAT_TOKEN", isSecret: true)
+        tokens = [token] + (env.string("WECHAT_PREVIOUS_TOKEN", isSecret: true).map { [$0] } ?? [])
+        func aesKey(_ variable: String) throws -> EncodingAESKey? {
+            guard let text = env.string(variable, isSecret: true) else { return nil }
+            do {
+                return try EncodingAESKey(text)
+            } catch let e as WeChatError {
+                throw ConfigurationError(variable: variable, reason: e.message)
+            }
+        }
+        let key = try aesKey("WECHAT_AES_KEY")
+        let previous = try aesKey("WECHAT_PREVIOUS_AES_KEY")
+        if previous != nil, key == nil {
+            throw ConfigurationError(variable: "WECHAT_PREVIOUS_AES_KEY", reason: "is set but WECHAT_AES_KEY is not")
+        }
+        crypto = key.map { WeChatMessageCrypto(appID: appID, key: $0, previousKey: previous) }
+        accountID = env.string("WECHAT_ACCOUNT_ID")
+        let url = env.string("AMQP_URL", isSecret: true) ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
+        do {
+            amqp = try AMQPConfiguration(url: url, connectionName: "wechat-ingress")
+        } catch let e as AMQPError {
+            throw ConfigurationError(variable: "AMQP_URL", reason: e.message)
+        }
+        host = env.string("HTTP_HOST") ?? "0.0.0.0"
+        port = try env.port("HTTP_PORT", default: 8080)
+        timestampWindow = Int64(try env.int("INGRESS_TIMESTAMP_WINDOW", default: 300))
+        maxBody = try env.int("INGRESS_MAX_BODY", default: 65536, range: 64...(64 << 20))
+        confirmTimeout = .seconds(try env.int("INGRESS_CONFIRM_TIMEOUT", default: 4, range: 1...60))
+        topology = WeChatTopology()
+    }
+}

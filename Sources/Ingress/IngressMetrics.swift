@@ -1,0 +1,49 @@
+import CoreMetrics
+import Metrics
+import Prometheus
+
+/// The ingress's metrics, in a Prometheus registry of its own (so tests can
+/// build several apps in one process). Handles are made once, not per request.
+public struct IngressMetrics: Sendable {
+    /// How a request ended; the `outcome` label of `wechat_ingress_requests_total`.
+    public enum Outcome: String, Sendable, CaseIterable {
+        case accepted, verified, forbidden, badRequest = "bad_request", tooLarge = "too_large", unavailable
+    }
+
+    public let registry: PrometheusCollectorRegistry
+    private let requests: [Outcome: CoreMetrics.Counter]
+    private let publishLatency: CoreMetrics.Timer
+    private let bodySizes: CoreMetrics.Recorder
+    private let inFlight: CoreMetrics.Gauge
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        let factory = PrometheusMetricsFactory(registry: registry)
+        var requests: [Outcome: CoreMetrics.Counter] = [:]
+        for outcome in Outcome.allCases {
+            requests[outcome] = CoreMetrics.Counter(
+                label: "wechat_ingress_requests_total", dimensions: [("outcome", outcome.rawValue)], factory: factory)
+        }
+        self.requests = requests
+        publishLatency = CoreMetrics.Timer(label: "wechat_ingress_publish_seconds", factory: factory)
+        bodySizes = CoreMetrics.Recorder(label: "wechat_ingress_body_bytes", dimensions: [], aggregate: true, factory: factory)
+        inFlight = CoreMetrics.Gauge(label: "amqp_confirms_in_flight", factory: factory)
+    }
+
+    func count(_ outcome: Outcome) { requests[outcome]?.increment() }
+    func published(after d: Duration) { publishLatency.recordNanoseconds(d.nanoseconds) }
+    func body(_ bytes: Int) { bodySizes.record(bytes) }
+
+    /// Renders the Prometheus text format, with the confirms-in-flight gauge read now.
+    func render(confirmsInFlight: Int) -> String {
+        inFlight.record(confirmsInFlight)
+        return registry.emitToString()
+    }
+}
+
+extension Duration {
+    var nanoseconds: Int64 {
+        let (s, attos) = components
+        return s * 1_000_000_000 + attos / 1_000_000_000
+    }
+}

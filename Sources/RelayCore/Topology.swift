@@ -1,0 +1,69 @@
+import AMQP
+
+/// The RabbitMQ topology shared by the ingress (which declares and publishes)
+/// and the workers (which consume). Documented in docs/topology.md.
+///
+/// With the default prefix `wechat`:
+/// - `wechat.inbound` (direct, durable): the ingress publishes each message with
+///   routing key `shard.N`, N = FNV-1a(OpenID) mod ``shardCount``, so all of one
+///   user's messages land in the same queue, in arrival order.
+/// - `wechat.inbound.N` (quorum; single active consumer; dead-letters to
+///   `wechat.dead`): one queue per shard.
+/// - `wechat.dead` (fanout) → `wechat.dead.q` (quorum): messages that failed for good.
+///
+/// Tests use their own prefix so that they can share one broker.
+public struct WeChatTopology: Sendable, Hashable {
+    public let prefix: String
+    /// Fixed per deployment: the ingress and every worker must agree on it.
+    public let shardCount: Int
+
+    public init(prefix: String = "wechat", shardCount: Int = 8) {
+        precondition(shardCount > 0)
+        self.prefix = prefix
+        self.shardCount = shardCount
+    }
+
+    public var inboundExchange: String { "\(prefix).inbound" }
+    public var deadLetterExchange: String { "\(prefix).dead" }
+    public var deadLetterQueue: String { "\(prefix).dead.q" }
+    public func shardQueue(_ n: Int) -> String { "\(prefix).inbound.\(n)" }
+    public func shardRoutingKey(_ n: Int) -> String { "shard.\(n)" }
+
+    /// The shard of a user: FNV-1a over the OpenID's UTF-8 bytes.
+    public func shard(openID: String) -> Int {
+        var hash: UInt32 = 2_166_136_261
+        for b in openID.utf8 {
+            hash ^= UInt32(b)
+            hash = hash &* 16_777_619
+        }
+        return Int(hash % UInt32(shardCount))
+    }
+
+    public func routingKey(openID: String) -> String { shardRoutingKey(shard(openID: openID)) }
+
+    /// What the ingress declares at start-up (and after every reconnection).
+    public var inbound: AMQPTopology {
+        AMQPTopology(
+            exchanges: [
+                .init(inboundExchange, type: "direct"),
+                .init(deadLetterExchange, type: "fanout"),
+            ],
+            queues: (0..<shardCount).map { n in
+                .init(shardQueue(n), kind: .quorum, deadLetterExchange: deadLetterExchange, singleActiveConsumer: true)
+            } + [.init(deadLetterQueue, kind: .quorum)],
+            bindings: (0..<shardCount).map { n in
+                .init(queue: shardQueue(n), exchange: inboundExchange, routingKey: shardRoutingKey(n))
+            } + [.init(queue: deadLetterQueue, exchange: deadLetterExchange)])
+    }
+
+    /// Header names on inbound messages.
+    public enum Header {
+        public static let msgType = "MsgType"
+        public static let event = "Event"
+        public static let openID = "OpenID"
+        /// Receive time at the ingress, milliseconds since the Unix epoch.
+        public static let receivedAtMs = "x-received-at-ms"
+        /// `plaintext`, `compatible` or `safe`.
+        public static let mode = "x-wechat-mode"
+    }
+}
