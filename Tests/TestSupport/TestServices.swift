@@ -1,3 +1,4 @@
+import Synchronization
 import Foundation
 
 /// Where the brokers started by `ops/test` (through `ops/services`) listen.
@@ -138,4 +139,12 @@ public func runCommand(_ executable: String, _ arguments: [String]) async throws
             message: "\(executable) \(arguments.joined(separator: " ")) exited with \(status): \(out)")
     }
     return out
+}
+
+/// A value shared between test tasks, behind a lock (a class, so closures can capture it).
+public final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    public init(_ value: Value) { mutex = Mutex(value) }
+    public func withLock<R: Sendable>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+    public var value: Value { mutex.withLock { $0 } }
 }

@@ -1,0 +1,115 @@
+import AMQP
+import Hummingbird
+import HummingbirdTesting
+import Ingress
+import NIOCore
+import RelayCore
+import ServiceLifecycle
+import Synchronization
+import TestSupport
+import Testing
+
+@Suite("wechat-ingress lifecycle", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(3)))
+struct IngressLifecycleTests {
+    @Test func brokerOutageGives503AndRecoversByItself() async throws {
+        try await PrivateServices.with { services in
+            let f = try await IngressFixture.make(amqpURL: services.amqpURL)
+            let xml = sampleMessages(openID: "oOutage")[0].xml
+            try await f.app.test(.router) { client in
+                #expect(try await client.execute(uri: "/wechat?\(query(openID: "oOutage"))", method: .post, body: ByteBuffer(string: xml)).status == .ok)
+                try await services.stopRabbitMQ()
+                // Stopping the broker closed the connection; wait for the client to notice.
+                while f.amqp.isConnected { await Task.yield() }
+                #expect(try await client.execute(uri: "/readyz", method: .get).status == .serviceUnavailable)
+                let down = try await client.execute(uri: "/wechat?\(query(openID: "oOutage"))", method: .post, body: ByteBuffer(string: xml))
+                #expect(down.status == .serviceUnavailable)
+                #expect(down.text != "success")
+                try await services.startRabbitMQ()
+                try await f.amqp.waitUntilConnected()
+                #expect(try await client.execute(uri: "/readyz", method: .get).status == .ok)
+                let back = try await client.execute(uri: "/wechat?\(query(openID: "oOutage"))", method: .post, body: ByteBuffer(string: xml))
+                #expect(back.status == .ok)
+            }
+            // The message confirmed before the outage survived the restart; the one after it is there too.
+            #expect(try await f.queued() == 2)
+            await f.tearDown()
+        }
+    }
+
+    @Test func gracefulShutdownLosesNoConfirmedMessage() async throws {
+        let f = try await IngressFixture.make()
+        let (ports, reportPort) = AsyncStream<Int>.makeStream()
+        let app = Application(
+            router: buildIngressRouter(f.handler), configuration: .init(address: .hostname("127.0.0.1", port: 0)),
+            onServerRunning: { channel in reportPort.yield(channel.localAddress?.port ?? 0) }, logger: ingressLogger)
+        // A second connection for the checks: the ingress's own one closes with the group.
+        let checker = try await connectToBroker()
+        let group = ServiceGroup(
+            configuration: .init(services: [.init(service: f.amqp), .init(service: app)], logger: ingressLogger))
+        let accepted = Locked<[String]>([])
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            var it = ports.makeAsyncIterator()
+            let port = try #require(await it.next())
+            let (progress, report) = AsyncStream<Int>.makeStream()
+            // Eight clients pushing distinct messages until the server goes away.
+            let clients = Task {
+                await withTaskGroup(of: Void.self) { clients in
+                    for c in 0..<8 {
+                        clients.addTask {
+                            try? await TestClient.withClient(host: "127.0.0.1", port: port) { client in
+                                for i in 0..<10_000 {
+                                    let openID = "oShut\(c)"
+                                    let xml = "<xml><ToUserName>gh</ToUserName><FromUserName>\(openID)</FromUserName><CreateTime>1</CreateTime><MsgType>text</MsgType><Content>x</Content><MsgId>\(i)</MsgId></xml>"
+                                    let r = try await client.execute(
+                                        TestClient.Request(
+                                            "/wechat?\(query(openID: openID))", method: .post,
+                                            headers: [.contentLength: "\(xml.utf8.count)"], body: ByteBuffer(string: xml)))
+                                    guard r.status == .ok else { return }
+                                    let total = accepted.withLock { a in
+                                        a.append("\(openID):\(i)")
+                                        return a.count
+                                    }
+                                    report.yield(total)
+                                }
+                            }
+                        }
+                    }
+                }
+                report.finish()
+            }
+            // Shut down in the middle of the load.
+            for await total in progress where total >= 300 {
+                await group.triggerGracefulShutdown()
+                break
+            }
+            await clients.value
+            try await tasks.waitForAll()
+        }
+        // Every request answered `success` is in the queues.
+        let answered = Set(accepted.withLock { $0 })
+        #expect(answered.count >= 300)
+        var queued = Set<String>()
+        for s in 0..<f.topology.shardCount {
+            let info = try await checker.queueInfo(f.topology.shardQueue(s))
+            if info.messageCount == 0 { continue }
+            let consumer = try await checker.consume(queue: f.topology.shardQueue(s), prefetch: 500)
+            var n = 0
+            for try await d in consumer {
+                if let id = d.message.properties.messageID { queued.insert(id) }
+                try d.ack()
+                n += 1
+                if n == info.messageCount { break }
+            }
+            await consumer.cancel()
+        }
+        #expect(answered.isSubset(of: queued))
+        for s in 0..<f.topology.shardCount { _ = try? await checker.deleteQueue(f.topology.shardQueue(s)) }
+        _ = try? await checker.deleteQueue(f.topology.deadLetterQueue)
+        await checker.close()
+    }
+}
+
+func connectToBroker() async throws -> AMQPConnection {
+    try await AMQPConnection.connect(configuration: AMQPConfiguration(url: TestServices.amqpURL()), logger: ingressLogger)
+}
