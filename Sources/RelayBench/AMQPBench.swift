@@ -79,3 +79,16 @@ final class Countdown: Sendable {
     /// `true` while items remain (and takes one).
     func take() -> Bool { left.subtract(1, ordering: .relaxed).oldValue > 0 }
 }
+
+/// Empties queues between benchmark rows, so the broker does not slow down under a growing backlog.
+struct AMQPPurge: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "amqp-purge")
+    @Option(help: "Broker URL.") var url: String = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    @Argument(help: "Queues to purge.") var queues: [String]
+
+    func run() async throws {
+        let amqp = try await AMQPConnection.connect(configuration: AMQPConfiguration(url: url), logger: Logger(label: "bench"))
+        for q in queues { try await amqp.purge(queue: q) }
+        await amqp.close()
+    }
+}
