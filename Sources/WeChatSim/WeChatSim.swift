@@ -1,15 +1,156 @@
 import ArgumentParser
+import AsyncHTTPClient
+import Foundation
+import Hummingbird
+import Logging
+import RelayCore
+import ServiceLifecycle
+import Simulator
+import WeChat
 
-/// `wechat-sim`: Local stand-in for the WeChat platform: pushes signed messages, serves a fake API, benchmarks.
+/// `wechat-sim`: a local stand-in for the WeChat platform.
 @main
-struct Main: ParsableCommand {
+struct WeChatSimCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "wechat-sim",
         abstract: "Local stand-in for the WeChat platform: pushes signed messages, serves a fake API, benchmarks.",
-        discussion: "Configured from the environment (WECHAT_APPID, WECHAT_TOKEN, WECHAT_AES_KEY, WECHAT_SECRET, HTTP_PORT, …; see docs/CONTRACT.md). Placeholder: a later issue implements it."
+        discussion: """
+            Configured by environment variables (or ./.env; the environment wins): WECHAT_APPID, WECHAT_TOKEN,
+            WECHAT_AES_KEY, WECHAT_SECRET, HTTP_HOST, HTTP_PORT (8090), LOG_LEVEL. See docs/CONTRACT.md.
+            """,
+        subcommands: [APICommand.self, SendCommand.self, VerifyCommand.self]
+    )
+}
+
+/// `wechat-sim api`: serves the fake `api.weixin.qq.com`.
+struct APICommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "api",
+        abstract: "Serve a fake api.weixin.qq.com (token, stable_token, getticket, custom/send, typing, template/send, menu).",
+        discussion: """
+            Needs WECHAT_APPID and WECHAT_SECRET. Inspect what was sent with GET /sim/messages[?touser=…]
+            (DELETE clears); set faults with POST /sim/faults {"errorRate":0.1,"latencyMs":50,"dropRate":0,
+            "expireTokens":false,"quotaExhausted":false}.
+            """
     )
 
-    func run() throws {
-        throw ValidationError("wechat-sim is not implemented yet")
+    @Option(help: "Lifetime of tokens and tickets, seconds.") var tokenLifetime: Int = 7200
+    @Option(help: "Seconds a /cgi-bin/token token stays valid after a newer one is issued.") var overlap: Int = 300
+    @Option(help: "Fraction of API calls answered errcode -1.") var errorRate: Double = 0
+    @Option(help: "Milliseconds added to every API call.") var latencyMs: Int = 0
+    @Option(help: "Fraction of API calls left without an answer (a dropped connection).") var dropRate: Double = 0
+
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-sim") {
+            let env = try await RelayEnvironment.load()
+            try RelayBootstrap.logging(env)
+            var settings = FakePlatform.Settings(appID: try env.required("WECHAT_APPID"), secret: try env.required("WECHAT_SECRET", isSecret: true))
+            settings.tokenLifetime = .seconds(tokenLifetime)
+            settings.overlap = .seconds(overlap)
+            let platform = FakePlatform(settings: settings)
+            var faults = FakePlatform.Faults()
+            faults.errorRate = errorRate
+            faults.latencyMs = latencyMs
+            faults.dropRate = dropRate
+            platform.faults = faults
+            let logger = Logger(label: "wechat-sim")
+            let host = env.string("HTTP_HOST") ?? "0.0.0.0"
+            let port = try env.port("HTTP_PORT", default: 8090)
+            let app = Application(
+                router: FakeAPI(platform: platform, logger: logger).router(),
+                configuration: .init(address: .hostname(host, port: port)), logger: logger)
+            logger.info("fake WeChat API listening", metadata: ["http.address": "\(host):\(port)"])
+            let group = ServiceGroup(
+                configuration: .init(services: [.init(service: app)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            try await group.run()
+        }
+    }
+}
+
+/// Options shared by `send` and `verify`.
+struct IngressOptions: ParsableArguments {
+    @Option(help: "The ingress endpoint.") var url: String = "http://127.0.0.1:8080/wechat"
+
+    func pusher(mode: Pusher.Mode, env: RelayEnvironment) throws -> Pusher {
+        let key: EncodingAESKey?
+        if let text = env.string("WECHAT_AES_KEY", isSecret: true) {
+            do { key = try EncodingAESKey(text) } catch let e as WeChatError {
+                throw ConfigurationError(variable: "WECHAT_AES_KEY", reason: e.message)
+            }
+        } else {
+            key = nil
+        }
+        if mode != .plaintext, key == nil {
+            throw ConfigurationError(variable: "WECHAT_AES_KEY", reason: "is required for --mode \(mode.rawValue)")
+        }
+        return Pusher(
+            ingressURL: url, appID: try env.required("WECHAT_APPID"), token: try env.required("WECHAT_TOKEN", isSecret: true),
+            aesKey: key, accountID: env.string("WECHAT_ACCOUNT_ID") ?? "gh_wechatrelay", mode: mode)
+    }
+}
+
+extension Pusher.Mode: ExpressibleByArgument {}
+
+/// `wechat-sim send`: pushes one message like WeChat does.
+struct SendCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "send",
+        abstract: "Push one signed message or event to the ingress, like WeChat (5 s timeout, up to 3 tries).",
+        discussion: """
+            Examples:  wechat-sim send text 帮助 --wait-reply
+                       wechat-sim send event subscribe
+                       wechat-sim send event CLICK --event-key HELP --mode safe
+            Needs WECHAT_APPID and WECHAT_TOKEN (and WECHAT_AES_KEY for --mode compatible or safe).
+            """
+    )
+
+    @Argument(help: "text, image, voice, video, shortvideo, location, link, file, or event.") var kind: String
+    @Argument(help: "The text (text), Recognition (voice), label/title, or the event name (event).") var value: String?
+    @Option(help: "EventKey of an event.") var eventKey: String?
+    @Option(help: "The sender's OpenID.") var openid: String = "oSimUser000000000000000001"
+    @Option(help: "plaintext, compatible or safe.") var mode: Pusher.Mode = .plaintext
+    @OptionGroup var ingress: IngressOptions
+    @Option(help: "The fake API (wechat-sim api), told about the push and asked for the reply.") var api: String = "http://127.0.0.1:8090"
+    @Flag(help: "Wait (up to --reply-timeout seconds) for the reply at the fake API and print it.") var waitReply = false
+    @Option(help: "Seconds to wait for the reply.") var replyTimeout: Int = 10
+
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-sim") {
+            let env = try await RelayEnvironment.load()
+            let pusher = try ingress.pusher(mode: mode, env: env)
+            let xml = try PushBuilder.xml(kind: kind, value: value, eventKey: eventKey, from: openid, to: pusher.accountID)
+            let message = try InboundMessage(xml: xml)
+            let client = HTTPClient.shared
+            // The fake API opens the user's customer-service window, as WeChat would.
+            let before = try await FakeAPIClient(baseURL: api).register(push: message, client: client)
+            let result = try await pusher.push(xml, openID: openid, client: client)
+            print("ingress answered \(result.status) \"\(result.body)\" after \(result.tries) tr\(result.tries == 1 ? "y" : "ies")")
+            guard result.status == 200, result.body == "success" else { throw ExitCode.failure }
+            if waitReply {
+                let reply = try await FakeAPIClient(baseURL: api).waitForReply(
+                    to: openid, after: before, timeout: .seconds(replyTimeout), client: client)
+                guard let reply else {
+                    print("no reply within \(replyTimeout) s")
+                    throw ExitCode.failure
+                }
+                print("reply (\(reply.msgtype)): \(reply.content ?? reply.body)")
+            }
+        }
+    }
+}
+
+/// `wechat-sim verify`: the URL-verification GET.
+struct VerifyCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify", abstract: "Perform WeChat's URL-verification GET against the ingress.")
+    @OptionGroup var ingress: IngressOptions
+
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-sim") {
+            let env = try await RelayEnvironment.load()
+            let (status, echoed) = try await ingress.pusher(mode: .plaintext, env: env).verify()
+            print("ingress answered \(status); echostr \(echoed ? "echoed verbatim" : "NOT echoed")")
+            guard echoed else { throw ExitCode.failure }
+        }
     }
 }

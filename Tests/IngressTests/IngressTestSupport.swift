@@ -27,7 +27,7 @@ struct IngressFixture {
     let topology: WeChatTopology
     let crypto: WeChatMessageCrypto
 
-    static func make(extra: [String: String] = [:], amqpURL: String? = nil) async throws -> IngressFixture {
+    static func make(extra: [String: String] = [:], amqpURL: String? = nil, realClock: Bool = false) async throws -> IngressFixture {
         var env = ["WECHAT_APPID": appID, "WECHAT_TOKEN": token, "WECHAT_AES_KEY": aesKey, "INGRESS_TIMESTAMP_WINDOW": "300"]
         env["AMQP_URL"] = try amqpURL ?? TestServices.amqpURL()
         for (k, v) in extra { env[k] = v }
@@ -38,8 +38,9 @@ struct IngressFixture {
         amqpConfig.maxReconnectDelay = .milliseconds(300)
         let amqp = try await AMQPConnection.connect(
             configuration: amqpConfig, topology: configuration.topology.inbound, logger: ingressLogger)
-        let handler = IngressHandler(
-            configuration: configuration, amqp: amqp, metrics: IngressMetrics(), logger: ingressLogger, now: { now })
+        let handler = realClock
+            ? IngressHandler(configuration: configuration, amqp: amqp, metrics: IngressMetrics(), logger: ingressLogger)
+            : IngressHandler(configuration: configuration, amqp: amqp, metrics: IngressMetrics(), logger: ingressLogger, now: { now })
         return IngressFixture(
             handler: handler, amqp: amqp, topology: configuration.topology,
             crypto: WeChatMessageCrypto(appID: appID, key: try EncodingAESKey(aesKey)))
