@@ -7,6 +7,7 @@ import RelayCore
 import ServiceLifecycle
 import Simulator
 import WeChat
+import Foundation
 
 /// `wechat-sim`: a local stand-in for the WeChat platform.
 @main
@@ -18,7 +19,7 @@ struct WeChatSimCommand: AsyncParsableCommand {
             Configured by environment variables (or ./.env; the environment wins): WECHAT_APPID, WECHAT_TOKEN,
             WECHAT_AES_KEY, WECHAT_SECRET, HTTP_HOST, HTTP_PORT (8090), LOG_LEVEL. See docs/CONTRACT.md.
             """,
-        subcommands: [APICommand.self, SendCommand.self, VerifyCommand.self]
+        subcommands: [APICommand.self, SendCommand.self, VerifyCommand.self, BenchCommand.self]
     )
 }
 
@@ -152,5 +153,84 @@ struct VerifyCommand: AsyncParsableCommand {
             print("ingress answered \(status); echostr \(echoed ? "echoed verbatim" : "NOT echoed")")
             guard echoed else { throw ExitCode.failure }
         }
+    }
+}
+
+/// `wechat-sim bench`: the end-to-end benchmark.
+struct BenchCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Serve the fake API and push signed messages at a fixed rate; report throughput, latencies, lost and duplicated replies.",
+        discussion: """
+            The workers must send their replies to this process (WECHAT_API_URL=http://HOST:API_PORT) and get tokens
+            for WECHAT_APPID/WECHAT_SECRET from it. Needs WECHAT_APPID, WECHAT_TOKEN, WECHAT_SECRET
+            (and WECHAT_AES_KEY for --mode compatible or safe). Exits non-zero if anything was lost or duplicated.
+            """
+    )
+
+    @OptionGroup var ingress: IngressOptions
+    @Option(help: "Pushes per second (open loop).") var rate: Double = 200
+    @Option(help: "Seconds of pushing.") var duration: Int = 10
+    @Option(help: "Distinct users (OpenIDs) the pushes come from.") var users: Int = 100
+    @Option(help: "plaintext, compatible or safe.") var mode: Pusher.Mode = .plaintext
+    @Option(help: "Where the in-process fake API listens.") var apiHost: String = "127.0.0.1"
+    @Option(help: "Port of the in-process fake API.") var apiPort: Int = 8090
+    @Option(help: "Seconds to wait for the last replies.") var drainTimeout: Int = 30
+    @Option(help: "Also write the report as JSON to this file (to compare runs).") var json: String?
+
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-sim") {
+            let env = try await RelayEnvironment.load()
+            try RelayBootstrap.logging(env)
+            let pusher = try ingress.pusher(mode: mode, env: env)
+            let platform = FakePlatform(
+                settings: .init(appID: try env.required("WECHAT_APPID"), secret: try env.required("WECHAT_SECRET", isSecret: true)))
+            let logger = Logger(label: "wechat-sim")
+            let app = Application(
+                router: FakeAPI(platform: platform, logger: logger).router(),
+                configuration: .init(address: .hostname(apiHost, port: apiPort)), logger: logger)
+            var clientConfiguration = HTTPClient.Configuration()
+            clientConfiguration.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = 256
+            let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: clientConfiguration)
+            let group = ServiceGroup(configuration: .init(services: [.init(service: app)], logger: logger))
+            let report = try await withThrowingTaskGroup(of: BenchReport?.self) { tasks in
+                tasks.addTask {
+                    try await group.run()
+                    return nil
+                }
+                tasks.addTask {
+                    let runner = BenchRunner(
+                        settings: BenchSettings(rate: rate, duration: .seconds(duration), users: users, drainTimeout: .seconds(drainTimeout)),
+                        pusher: pusher, platform: platform, client: client)
+                    let report = await runner.run { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }
+                    await group.triggerGracefulShutdown()
+                    return report
+                }
+                var result: BenchReport?
+                for try await r in tasks { if let r { result = r } }
+                return result
+            }
+            try await client.shutdown()
+            guard let report else { throw ExitCode.failure }
+            print(Self.describe(report))
+            if let json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                try encoder.encode(report).write(to: URL(fileURLWithPath: json))
+            }
+            if report.lost > 0 || report.duplicated > 0 { throw ExitCode.failure }
+        }
+    }
+
+    static func describe(_ r: BenchReport) -> String {
+        func l(_ x: BenchReport.Latency) -> String {
+            String(format: "p50 %.1f  p90 %.1f  p99 %.1f  max %.1f ms (n=%llu)", x.p50, x.p90, x.p99, x.max, x.count)
+        }
+        return """
+            pushed \(r.pushed), accepted \(r.accepted) in \(String(format: "%.1f", r.seconds)) s (\(String(format: "%.0f", r.throughput))/s); errors \(r.errors)
+            replies \(r.replies): lost \(r.lost), duplicated \(r.duplicated)
+            ingress response:  \(l(r.ingressLatencyMs))
+            push to reply:     \(l(r.pushToReplyMs))
+            """
     }
 }
