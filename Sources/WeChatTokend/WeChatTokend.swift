@@ -1,15 +1,48 @@
 import ArgumentParser
+import Hummingbird
+import Logging
+import Redis
+import RelayCore
+import ServiceLifecycle
+import Tokend
 
-/// `wechat-tokend`: Central access_token / jsapi_ticket keeper with an HTTP API.
+/// `wechat-tokend`: the central access_token / jsapi_ticket keeper (中控服务器).
 @main
-struct Main: ParsableCommand {
+struct WeChatTokendCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "wechat-tokend",
         abstract: "Central access_token / jsapi_ticket keeper with an HTTP API.",
-        discussion: "Configured from the environment (WECHAT_APPID, WECHAT_SECRET, REDIS_URL, TOKEND_SECRET, HTTP_PORT, …; see docs/CONTRACT.md). Placeholder: a later issue implements it."
+        discussion: """
+            Configured by environment variables (or ./.env; the environment wins): WECHAT_APPID, WECHAT_SECRET,
+            TOKEND_SECRET (all required), WECHAT_API_URL, REDIS_URL, HTTP_HOST, HTTP_PORT (8081), LOG_LEVEL,
+            TOKEND_FETCH_MODE (stable | token; default stable), TOKEND_REFRESH_MARGIN (seconds, default 600).
+            Keys in Redis and the API: docs/tokend.md and docs/CONTRACT.md.
+            """
     )
 
-    func run() throws {
-        throw ValidationError("wechat-tokend is not implemented yet")
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-tokend") {
+            let env = try await RelayEnvironment.load()
+            try RelayBootstrap.logging(env)
+            let configuration = try TokendConfiguration(env)
+            var logger = Logger(label: "wechat-tokend")
+            logger[metadataKey: "wechat.appid"] = "\(configuration.appID)"
+            let redis = RedisPool(configuration: configuration.redis, size: 8, logger: logger)
+            let tokend = Tokend(configuration: configuration, redis: redis, logger: logger, registry: RelayBootstrap.metrics())
+            let app = Application(
+                router: buildTokendRouter(tokend),
+                configuration: .init(address: .hostname(configuration.host, port: configuration.port)), logger: logger)
+            logger.info(
+                "wechat-tokend starting",
+                metadata: [
+                    "http.address": "\(configuration.host):\(configuration.port)", "redis.url": "\(configuration.redis.redactedURL)",
+                    "wechat.api": "\(configuration.apiURL)", "tokend.mode": "\(configuration.endpoint.rawValue)",
+                ])
+            let group = ServiceGroup(
+                configuration: .init(
+                    services: [.init(service: redis), .init(service: TokendRefresher(tokend: tokend)), .init(service: app)],
+                    gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            try await group.run()
+        }
     }
 }

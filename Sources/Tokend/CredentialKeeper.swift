@@ -1,0 +1,179 @@
+import Foundation
+import Logging
+import Redis
+import RelayCore
+import TokenClient
+import WeChat
+
+/// Why a credential was refreshed (the `reason` label of `tokend_refreshes_total`).
+public enum RefreshReason: String, Sendable {
+    /// None was stored yet.
+    case missing
+    /// Less than the margin of its lifetime was left.
+    case proactive
+    /// A caller reported it rejected (`POST /v1/access-token/refresh`).
+    case passive
+}
+
+/// An error from the WeChat API, with the code's disposition.
+public struct UpstreamError: Error, Sendable, CustomStringConvertible {
+    public var errcode: Int
+    public var errmsg: String
+    public var disposition: APIErrorDisposition { APIErrorDisposition(errcode: errcode) }
+    public var description: String { "WeChat API error \(errcode): \(errmsg)" }
+}
+
+/// Something that happened to a credential; tests await these instead of sleeping.
+public struct RefreshEvent: Sendable {
+    public var kind: String
+    public var reason: RefreshReason
+    /// A short fingerprint of the new value (never the value itself).
+    public var fingerprint: String
+    public var expiresAt: Int64
+}
+
+/// Keeps one credential (the access_token or the jsapi_ticket) fresh in Redis.
+///
+/// - Within a process, concurrent refreshes share one upstream call.
+/// - Across replicas, a Redis lock (`SET NX PX`, released only by its owner) lets
+///   one refresh at a time; the others wait for it and read the result.
+/// - Compare-and-refresh: a passive refresh happens only while the stale value
+///   is still the stored one, and the new value replaces the old one with a
+///   Lua compare-and-set after it was fetched, so readers never see a gap.
+public actor CredentialKeeper {
+    public let kind: String
+    public let key: String
+    let redis: RedisPool
+    let margin: Duration
+    let logger: Logger
+    let fetch: @Sendable (_ reason: RefreshReason, _ stale: String?) async throws -> (value: String, expiresIn: Int)
+    let onEvent: @Sendable (RefreshEvent) -> Void
+
+    private var inflight: Task<StoredCredential, any Error>?
+    /// The last upstream failure, for readiness; cleared by a success.
+    public private(set) var lastError: UpstreamError?
+
+    private static let compareAndSet = RedisScript(
+        """
+        local cur = redis.call('GET', KEYS[1])
+        local curValue = ''
+        if cur then curValue = cjson.decode(cur).value end
+        if curValue ~= ARGV[1] then return 0 end
+        redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+        return 1
+        """)
+    private static let releaseLock = RedisScript(
+        """
+        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+        return 0
+        """)
+
+    public init(
+        kind: String, key: String, redis: RedisPool, margin: Duration, logger: Logger,
+        fetch: @escaping @Sendable (RefreshReason, String?) async throws -> (value: String, expiresIn: Int),
+        onEvent: @escaping @Sendable (RefreshEvent) -> Void
+    ) {
+        self.kind = kind
+        self.key = key
+        self.redis = redis
+        self.margin = margin
+        self.logger = logger
+        self.fetch = fetch
+        self.onEvent = onEvent
+    }
+
+    /// The stored credential, or nil.
+    public func current() async throws -> StoredCredential? {
+        guard let bytes = try await redis.get(key) else { return nil }
+        return try? JSONDecoder().decode(StoredCredential.self, from: Data(bytes))
+    }
+
+    /// Refreshes if needed and returns the credential to use.
+    ///
+    /// - Parameters:
+    ///   - stale: for a passive refresh, the value the API rejected; nothing is fetched
+    ///     unless it is still the stored value.
+    public func refresh(_ reason: RefreshReason, stale: String? = nil) async throws -> StoredCredential {
+        if let running = inflight { return try await running.value }
+        let task = Task { try await self.refreshNow(reason, stale: stale) }
+        inflight = task
+        defer { if inflight == task { inflight = nil } }
+        return try await task.value
+    }
+
+    private func refreshNow(_ reason: RefreshReason, stale: String?) async throws -> StoredCredential {
+        if let settled = try await alreadyFresh(reason, stale: stale) { return settled }
+        let owner = UUID().uuidString
+        let lockKey = key + ":refresh_lock"
+        let acquired = try await redis.set(lockKey, to: owner, expiration: .milliseconds(30_000), condition: .ifAbsent)
+        guard acquired else {
+            // Another replica is refreshing: wait for it to finish, then use what it stored.
+            let deadline = ContinuousClock.now + .seconds(30)
+            while try await redis.get(lockKey) != nil, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            if let c = try await current(), c.isValid(at: Self.now()) { return c }
+            throw UpstreamError(errcode: -1, errmsg: "another tokend replica did not finish refreshing the \(kind)")
+        }
+        do {
+            let result = try await refreshLocked(reason, stale: stale)
+            _ = try? await redis.eval(Self.releaseLock, keys: [lockKey], arguments: [.init(owner)])
+            return result
+        } catch {
+            _ = try? await redis.eval(Self.releaseLock, keys: [lockKey], arguments: [.init(owner)])
+            throw error
+        }
+    }
+
+    /// The stored credential if no refresh is needed for this request.
+    private func alreadyFresh(_ reason: RefreshReason, stale: String?) async throws -> StoredCredential? {
+        guard let c = try await current(), c.isValid(at: Self.now()) else { return nil }
+        switch reason {
+        case .passive:
+            // Someone already replaced the rejected value: compare-and-refresh says no.
+            return c.value != stale ? c : nil
+        case .proactive, .missing:
+            return Double(c.expiresAt - Self.now()) > margin.seconds ? c : nil
+        }
+    }
+
+    private func refreshLocked(_ reason: RefreshReason, stale: String?) async throws -> StoredCredential {
+        // Checked again under the lock: a replica may have refreshed just before.
+        if let settled = try await alreadyFresh(reason, stale: stale) { return settled }
+        let before = try await current()
+        let fetched: (value: String, expiresIn: Int)
+        do {
+            fetched = try await fetch(reason, stale)
+            lastError = nil
+        } catch let e as UpstreamError {
+            lastError = e
+            throw e
+        }
+        let now = Self.now()
+        let record = StoredCredential(value: fetched.value, expiresAt: now + Int64(fetched.expiresIn), fetchedAt: now)
+        let json = String(decoding: try JSONEncoder().encode(record), as: UTF8.self)
+        // Keep it in Redis a little past its expiry so that readers see "expired", not "missing".
+        let stored = try await redis.eval(
+            Self.compareAndSet, keys: [key], arguments: [.init(before?.value ?? ""), .init(json), .init(fetched.expiresIn + 60)])
+        guard stored.int == 1 else {
+            // Replaced under us (the lock expired?): use what is there now.
+            if let c = try await current() { return c }
+            throw UpstreamError(errcode: -1, errmsg: "the \(kind) changed while refreshing")
+        }
+        let event = RefreshEvent(kind: kind, reason: reason, fingerprint: secretFingerprint(fetched.value), expiresAt: record.expiresAt)
+        logger.notice(
+            "refreshed",
+            metadata: [
+                "tokend.kind": "\(kind)", "tokend.reason": "\(reason.rawValue)", "tokend.fingerprint": "\(event.fingerprint)",
+                "tokend.expires_at": "\(record.expiresAt)",
+            ])
+        onEvent(event)
+        return record
+    }
+
+    static func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}

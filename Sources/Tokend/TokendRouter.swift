@@ -1,0 +1,105 @@
+import Foundation
+import Hummingbird
+import NIOCore
+import TokenClient
+import WeChat
+
+/// tokend's HTTP API (docs/CONTRACT.md): `/v1/*` behind `Authorization: Bearer $TOKEND_SECRET`.
+public func buildTokendRouter(_ tokend: Tokend) -> Router<BasicRequestContext> {
+    let router = Router()
+    let bearer = Array("Bearer \(tokend.configuration.bearer)".utf8)
+    @Sendable func authorized(_ request: Request) -> Bool {
+        let given = Array((request.headers[.authorization] ?? "").utf8)
+        return WeChatSignature.constantTimeEquals(given, bearer)
+    }
+    @Sendable func guarded(_ request: Request, _ body: () async throws -> Response) async -> Response {
+        guard authorized(request) else {
+            tokend.logger.warning("unauthorized request", metadata: ["http.path": "\(request.uri.path)"])
+            return text(.unauthorized, "missing or wrong bearer token")
+        }
+        do {
+            return try await body()
+        } catch {
+            tokend.recordUpstreamError(error)
+            tokend.logger.error("request failed", metadata: ["http.path": "\(request.uri.path)", "error": "\(error)"])
+            return text(.serviceUnavailable, "\(error)")
+        }
+    }
+    let v1 = router.group("v1")
+    v1.get("access-token") { request, _ in
+        await guarded(request) {
+            let c = try await tokend.accessToken.refresh(.missing)
+            return json(AccessTokenAnswer(accessToken: c.value, expiresAt: c.expiresAt))
+        }
+    }
+    v1.post("access-token/refresh") { request, _ in
+        await guarded(request) {
+            let body = try await request.body.collect(upTo: 1 << 16)
+            guard let stale = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["stale_token"],
+                !stale.isEmpty
+            else {
+                return text(.badRequest, "expected {\"stale_token\": \"…\"}")
+            }
+            let c = try await tokend.accessToken.refresh(.passive, stale: stale)
+            return json(AccessTokenAnswer(accessToken: c.value, expiresAt: c.expiresAt))
+        }
+    }
+    v1.get("jsapi-ticket") { request, _ in
+        await guarded(request) {
+            let c = try await tokend.jsapiTicket.refresh(.missing)
+            return json(TicketAnswer(ticket: c.value, expiresAt: c.expiresAt))
+        }
+    }
+    v1.post("jssdk/signature") { request, _ in
+        await guarded(request) {
+            let body = try await request.body.collect(upTo: 1 << 16)
+            guard let url = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["url"],
+                !url.isEmpty
+            else {
+                return text(.badRequest, "expected {\"url\": \"…\"}")
+            }
+            let ticket = try await tokend.jsapiTicket.refresh(.missing).value
+            let nonce = String((0..<16).map { _ in "abcdefghijklmnopqrstuvwxyz0123456789".randomElement() ?? "a" })
+            let timestamp = Int64(Date().timeIntervalSince1970)
+            return json(
+                JSSDKSignature(
+                    appId: tokend.configuration.appID, timestamp: timestamp, nonceStr: nonce,
+                    signature: WeChatSignature.jsapiSignature(ticket: ticket, nonceStr: nonce, timestamp: timestamp, url: url)))
+        }
+    }
+    router.get("/healthz") { _, _ in text(.ok, "ok") }
+    router.get("/readyz") { _, _ in
+        if let reason = await tokend.notReadyReason() { return text(.serviceUnavailable, reason) }
+        return text(.ok, "ready")
+    }
+    router.get("/metrics") { _, _ in
+        Response(
+            status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+            body: ResponseBody(byteBuffer: ByteBuffer(string: await tokend.renderMetrics())))
+    }
+    return router
+}
+
+public struct TicketAnswer: Codable, Sendable {
+    public var ticket: String
+    public var expiresAt: Int64
+    enum CodingKeys: String, CodingKey { case ticket, expiresAt = "expires_at" }
+}
+
+/// What `wx.config` needs.
+public struct JSSDKSignature: Codable, Sendable {
+    public var appId: String
+    public var timestamp: Int64
+    public var nonceStr: String
+    public var signature: String
+}
+
+private func json<T: Encodable>(_ value: T) -> Response {
+    Response(
+        status: .ok, headers: [.contentType: "application/json"],
+        body: ResponseBody(byteBuffer: ByteBuffer(bytes: (try? WeChatJSON.encode(value)) ?? Array("{}".utf8))))
+}
+
+private func text(_ status: HTTPResponse.Status, _ body: String) -> Response {
+    Response(status: status, headers: [.contentType: "text/plain; charset=utf-8"], body: ResponseBody(byteBuffer: ByteBuffer(string: body)))
+}
