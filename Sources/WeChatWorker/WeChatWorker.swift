@@ -1,15 +1,133 @@
+import AMQP
 import ArgumentParser
+import AsyncHTTPClient
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import Redis
+import RelayCore
+import ServiceLifecycle
+import TokenClient
+import Worker
 
-/// `wechat-worker`: Consumes, deduplicates, keeps sessions, decides and sends replies.
+/// `wechat-worker`: consumes, deduplicates, keeps sessions, decides and sends replies.
 @main
-struct Main: ParsableCommand {
+struct WeChatWorkerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "wechat-worker",
-        abstract: "Consumes, deduplicates, keeps sessions, decides and sends replies.",
-        discussion: "Configured from the environment (WECHAT_APPID, AMQP_URL, REDIS_URL, WECHAT_API_URL, WORKER_RULES, …; see docs/CONTRACT.md). Placeholder: a later issue implements it."
+        abstract: "Consumes pushed messages, deduplicates, keeps sessions in Redis, and replies through the customer-service API.",
+        discussion: """
+            Configured by environment variables (or ./.env; the environment wins): WECHAT_APPID (required), AMQP_URL,
+            REDIS_URL, WECHAT_API_URL, TOKEND_URL, TOKEND_SECRET, WORKER_RULES, WORKER_CONCURRENCY (64),
+            METRICS_PORT (9100), WORKER_SESSION_TTL (seconds, 30 days), LOG_LEVEL. See docs/CONTRACT.md and docs/worker.md.
+            """,
+        subcommands: [Run.self, DeadLetters.self],
+        defaultSubcommand: Run.self
     )
+}
 
-    func run() throws {
-        throw ValidationError("wechat-worker is not implemented yet")
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "run", abstract: "Consume and reply (the default).")
+
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-worker") {
+            let env = try await RelayEnvironment.load()
+            try RelayBootstrap.logging(env)
+            let configuration = try WorkerConfiguration(env)
+            var logger = Logger(label: "wechat-worker")
+            logger[metadataKey: "wechat.appid"] = "\(configuration.appID)"
+            let metrics = WorkerMetrics(registry: RelayBootstrap.metrics())
+            let amqp = try AMQPConnection(configuration: configuration.amqp, topology: configuration.topology.inbound, logger: logger)
+            let redis = RedisPool(configuration: configuration.redis, size: max(4, min(64, configuration.concurrency)), logger: logger)
+            let tokens = TokenClient(
+                redis: redis, keys: TokenKeys(appID: configuration.appID), tokendURL: configuration.tokendURL,
+                tokendSecret: configuration.tokendSecret)
+            let worker = Worker(
+                amqp: amqp, store: SessionStore(redis: redis, appID: configuration.appID, sessionTTL: configuration.sessionTTL),
+                sender: Sender(apiURL: configuration.apiURL, http: .shared, tokens: tokens), rules: configuration.rules,
+                topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics, logger: logger)
+            let router = Router()
+            router.get("/healthz") { _, _ in "ok" }
+            router.get("/readyz") { _, _ -> Response in
+                let redisUp = (try? await redis.send(["PING"])) != nil
+                let ok = worker.isConsuming && redisUp
+                return Response(
+                    status: ok ? .ok : .serviceUnavailable,
+                    body: ResponseBody(byteBuffer: ByteBuffer(string: ok ? "ready" : "consuming=\(worker.isConsuming) redis=\(redisUp)")))
+            }
+            router.get("/metrics") { _, _ in metrics.registry.emitToString() }
+            let app = Application(router: router, configuration: .init(address: .hostname("0.0.0.0", port: configuration.metricsPort)), logger: logger)
+            logger.info(
+                "wechat-worker starting",
+                metadata: [
+                    "amqp.url": "\(configuration.amqp.redactedURL)", "redis.url": "\(configuration.redis.redactedURL)",
+                    "wechat.api": "\(configuration.apiURL)", "worker.concurrency": "\(configuration.concurrency)",
+                ])
+            let group = ServiceGroup(
+                configuration: .init(
+                    services: [.init(service: amqp), .init(service: redis), .init(service: WorkerService(worker: worker)), .init(service: app)],
+                    gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            try await group.run()
+        }
+    }
+}
+
+/// Runs the worker inside a ServiceGroup, retrying while RabbitMQ is down.
+struct WorkerService: Service {
+    let worker: Worker
+    func run() async throws {
+        while !Task.isCancelled, !Task.isShuttingDownGracefully {
+            do {
+                try await worker.amqp.waitUntilConnected()
+                try await worker.run()
+            } catch {
+                try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(1)) }
+            }
+        }
+    }
+}
+
+struct DeadLetters: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dead-letters", abstract: "Inspect and requeue messages that failed for good.",
+        subcommands: [List.self, Replay.self])
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the dead letters (they stay in the queue).")
+        @Option(help: "At most this many.") var limit: Int = 100
+        func run() async throws {
+            try await exitOnConfigurationError("wechat-worker") {
+                let tool = try await DeadLetterTool.make()
+                let letters = try await tool.list(limit: limit)
+                for l in letters { print(l) }
+                print("\(letters.count) dead letter(s) shown")
+                await tool.amqp.close()
+            }
+        }
+    }
+
+    struct Replay: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Publish dead letters back to their shard queue.")
+        @Option(help: "At most this many.") var limit: Int = 1000
+        func run() async throws {
+            try await exitOnConfigurationError("wechat-worker") {
+                let tool = try await DeadLetterTool.make()
+                let n = try await tool.replay(limit: limit)
+                print("\(n) dead letter(s) replayed")
+                await tool.amqp.close()
+            }
+        }
+    }
+}
+
+extension DeadLetterTool {
+    static func make() async throws -> DeadLetterTool {
+        let env = try await RelayEnvironment.load()
+        let configuration = try WorkerConfiguration(env)
+        var logger = Logger(label: "wechat-worker")
+        logger.logLevel = .warning
+        let amqp = try await AMQPConnection.connect(configuration: configuration.amqp, topology: configuration.topology.inbound, logger: logger)
+        return DeadLetterTool(amqp: amqp, topology: configuration.topology)
     }
 }

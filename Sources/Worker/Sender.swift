@@ -1,0 +1,93 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import TokenClient
+import WeChat
+
+/// How a send ended, per the error table of the protocol page (§8).
+public enum SendOutcome: Sendable, Equatable {
+    case sent
+    /// -1, 45011, timeouts, 5xx, no token: try again later (through a delay queue).
+    case retryLater(String)
+    /// 43004, 45015, 45047 and request errors: this message will never go out.
+    case permanent(Int, String)
+    /// 45009, 48001, 40164 and credential errors: stop sending and alert an operator.
+    case alert(Int, String)
+}
+
+/// Sends customer-service messages through `POST {WECHAT_API_URL}/cgi-bin/message/custom/send`
+/// with pooled HTTP connections; a rejected token is refreshed (compare-and-refresh through
+/// tokend) and the send retried once.
+public struct Sender: Sendable {
+    let apiURL: String
+    let http: HTTPClient
+    let tokens: TokenClient
+
+    public init(apiURL: String, http: HTTPClient, tokens: TokenClient) {
+        self.apiURL = apiURL.hasSuffix("/") ? String(apiURL.dropLast()) : apiURL
+        self.http = http
+        self.tokens = tokens
+    }
+
+    public func send(_ message: CustomerServiceMessage) async -> SendOutcome {
+        let body: [UInt8]
+        do {
+            body = try WeChatJSON.encode(message)
+        } catch {
+            return .permanent(-2, "cannot encode the message: \(error)")
+        }
+        let token: String
+        do {
+            token = try await tokens.accessToken()
+        } catch {
+            return .retryLater("no access_token: \(error)")
+        }
+        let first = await post(body, token: token)
+        guard case .refresh = first else { return first.outcome }
+        // The token was rejected: compare-and-refresh, then one more try.
+        do {
+            let fresh = try await tokens.tokenRejected(token)
+            let second = await post(body, token: fresh)
+            if case .refresh(let code, let msg) = second { return .retryLater("token rejected twice (\(code) \(msg))") }
+            return second.outcome
+        } catch {
+            return .retryLater("token refresh failed: \(error)")
+        }
+    }
+
+    private enum Attempt {
+        case done(SendOutcome)
+        case refresh(Int, String)
+
+        var outcome: SendOutcome {
+            switch self {
+            case .done(let o): return o
+            case .refresh(let code, let msg): return .retryLater("token rejected (\(code) \(msg))")
+            }
+        }
+    }
+
+    private func post(_ body: [UInt8], token: String) async -> Attempt {
+        var request = HTTPClientRequest(url: "\(apiURL)/cgi-bin/message/custom/send?access_token=\(token)")
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/json; charset=utf-8")
+        request.body = .bytes(ByteBuffer(bytes: body))
+        do {
+            let response = try await http.execute(request, timeout: .seconds(5))
+            let data = Data(try await response.body.collect(upTo: 1 << 16).readableBytesView)
+            guard response.status == .ok else { return .done(.retryLater("HTTP \(response.status.code)")) }
+            guard let answer = try? JSONDecoder().decode(APIErrorResponse.self, from: data) else {
+                return .done(.retryLater("unreadable answer"))
+            }
+            switch answer.disposition {
+            case .success: return .done(.sent)
+            case .retry: return .done(.retryLater("errcode \(answer.errcode) \(answer.errmsg)"))
+            case .refreshToken: return .refresh(answer.errcode, answer.errmsg)
+            case .permanent: return .done(.permanent(answer.errcode, answer.errmsg))
+            case .alert: return .done(.alert(answer.errcode, answer.errmsg))
+            }
+        } catch {
+            return .done(.retryLater("network: \(error)"))
+        }
+    }
+}

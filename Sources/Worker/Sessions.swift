@@ -1,0 +1,162 @@
+import Foundation
+import Redis
+import WeChat
+
+/// A user's session as it was when one message was observed.
+///
+/// Stored per (appid, OpenID) in the hash `wechat:{appid}:session:{openid}`:
+/// `subscribed`, `first_seen`, `last_seen`, `messages` (user messages, not events),
+/// `last_inbound` and `window` (`message` or `event`: which customer-service
+/// window the last push opened), `cs_sent` (customer-service messages sent since),
+/// `state` (the dialog state) and any `f:<name>` fields handlers set.
+public struct SessionSnapshot: Sendable, Equatable {
+    public var values: [String: String]
+
+    public var subscribed: Bool { values["subscribed"] != "0" }
+    public var messages: Int { Int(values["messages"] ?? "0") ?? 0 }
+    public var state: String? { values["state"].flatMap { $0.isEmpty ? nil : $0 } }
+    public var lastInbound: Int64? { values["last_inbound"].flatMap { Int64($0) } }
+    public var window: String? { values["window"] }
+    public var csSent: Int { Int(values["cs_sent"] ?? "0") ?? 0 }
+
+    /// For templates: `{{session.messages}}`, `{{session.state}}`, `{{session.<field>}}`.
+    public func field(_ name: String) -> String { values[name] ?? values["f:\(name)"] ?? "" }
+
+    /// Whether a customer-service message would surely be refused (protocol page §7):
+    /// unsubscribed, outside the window, or over the window's quota. Returns the reason.
+    public func sendWouldFail(now: Int64) -> String? {
+        if !subscribed { return "user unsubscribed (43004)" }
+        guard let start = lastInbound else { return "no customer-service window open (45015)" }
+        let (seconds, quota): (Int64, Int) = window == "event" ? (60, 3) : (48 * 3600, 5)
+        if now - start >= seconds { return "customer-service window closed (45015)" }
+        if csSent >= quota { return "customer-service quota used up (45047)" }
+        return nil
+    }
+}
+
+/// The per-message record and the session updates, done atomically in Redis so
+/// that concurrent workers never lose an increment and a redelivered message is
+/// neither counted twice nor answered twice.
+///
+/// Per message, the hash `wechat:{appid}:msg:{dedupKey}` holds `snapshot` (the
+/// session as observed with this message), `decision` (the reply decided) and
+/// `replied` (set once the reply was sent or no reply was due).
+public struct SessionStore: Sendable {
+    let redis: RedisPool
+    let appID: String
+    public var sessionTTL: Int
+    public var recordTTL: Int
+
+    public init(redis: RedisPool, appID: String, sessionTTL: Int = 30 * 86400, recordTTL: Int = 86400) {
+        self.redis = redis
+        self.appID = appID
+        self.sessionTTL = sessionTTL
+        self.recordTTL = recordTTL
+    }
+
+    func sessionKey(_ openID: String) -> String { "wechat:\(appID):session:\(openID)" }
+    func recordKey(_ dedupKey: String) -> String { "wechat:\(appID):msg:\(dedupKey)" }
+
+    /// The outcome of observing a message.
+    public struct Observation: Sendable {
+        /// False when this dedup key was seen before (a retry or a redelivery).
+        public var isNew: Bool
+        public var snapshot: SessionSnapshot
+        /// A decision stored by an earlier attempt, if any.
+        public var decision: ReplyRules.Decision?
+        /// Whether an earlier attempt already finished (replied or decided not to).
+        public var replied: Bool
+    }
+
+    private static let observeScript = RedisScript(
+        """
+        local rec, s = KEYS[1], KEYS[2]
+        local snap = redis.call('HGET', rec, 'snapshot')
+        if snap then
+          return {0, snap, redis.call('HGET', rec, 'decision') or '', redis.call('HGET', rec, 'replied') or ''}
+        end
+        local now = ARGV[1]
+        if redis.call('HEXISTS', s, 'first_seen') == 0 then redis.call('HSET', s, 'first_seen', now, 'subscribed', '1') end
+        redis.call('HSET', s, 'last_seen', now)
+        if ARGV[2] == '1' then redis.call('HINCRBY', s, 'messages', 1) end
+        if ARGV[3] ~= '' then redis.call('HSET', s, 'last_inbound', now, 'window', ARGV[3], 'cs_sent', '0') end
+        if ARGV[4] == 'unsubscribe' then redis.call('HSET', s, 'subscribed', '0') end
+        if ARGV[4] == 'subscribe' then redis.call('HSET', s, 'subscribed', '1') end
+        redis.call('EXPIRE', s, ARGV[5])
+        snap = cjson.encode(redis.call('HGETALL', s))
+        redis.call('HSET', rec, 'snapshot', snap)
+        redis.call('EXPIRE', rec, ARGV[6])
+        return {1, snap, '', ''}
+        """)
+
+    private static let commitScript = RedisScript(
+        """
+        local existing = redis.call('HGET', KEYS[1], 'decision')
+        if existing then return existing end
+        redis.call('HSET', KEYS[1], 'decision', ARGV[1])
+        if ARGV[2] == '1' then
+          if ARGV[3] == '' then redis.call('HDEL', KEYS[2], 'state') else redis.call('HSET', KEYS[2], 'state', ARGV[3]) end
+        end
+        return ARGV[1]
+        """)
+
+    private static let markRepliedScript = RedisScript(
+        """
+        if redis.call('HSETNX', KEYS[1], 'replied', '1') == 1 and ARGV[1] == '1' then
+          redis.call('HINCRBY', KEYS[2], 'cs_sent', 1)
+        end
+        return 1
+        """)
+
+    /// Records the message in the session (once per dedup key) and returns the snapshot to decide on.
+    public func observe(_ m: InboundMessage, now: Int64) async throws -> Observation {
+        let isMessage = m.msgType != "event"
+        var window = ""
+        if isMessage {
+            window = "message"
+        } else if ["subscribe", "SCAN", "CLICK", "scancode_push", "scancode_waitmsg"].contains(m.event ?? "") {
+            window = "event"
+        }
+        let subscription = m.event == "unsubscribe" ? "unsubscribe" : (m.event == "subscribe" ? "subscribe" : "")
+        let reply = try await redis.eval(
+            Self.observeScript, keys: [recordKey(m.dedupKey), sessionKey(m.fromUserName)],
+            arguments: [.init(now), isMessage ? "1" : "0", .init(window), .init(subscription), .init(sessionTTL), .init(recordTTL)])
+        guard let parts = reply.array, parts.count == 4, let snapText = parts[1].text else {
+            throw RedisError(.protocolError, "unexpected answer from the observe script")
+        }
+        let flat = (try? JSONDecoder().decode([String].self, from: Data(snapText.utf8))) ?? []
+        var values: [String: String] = [:]
+        var i = 0
+        while i + 1 < flat.count {
+            values[flat[i]] = flat[i + 1]
+            i += 2
+        }
+        let decisionText = parts[2].text ?? ""
+        let decision = decisionText.isEmpty
+            ? nil : try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(decisionText.utf8))
+        return Observation(isNew: parts[0].int == 1, snapshot: SessionSnapshot(values: values), decision: decision, replied: parts[3].text == "1")
+    }
+
+    /// Stores the decision (first writer wins) and applies its state change; returns the stored decision.
+    public func commit(_ decision: ReplyRules.Decision, for m: InboundMessage) async throws -> ReplyRules.Decision {
+        let json = String(decoding: try JSONEncoder().encode(decision), as: UTF8.self)
+        let stored = try await redis.eval(
+            Self.commitScript, keys: [recordKey(m.dedupKey), sessionKey(m.fromUserName)],
+            arguments: [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? "")])
+        guard let text = stored.text, let d = try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8)) else {
+            return decision
+        }
+        return d
+    }
+
+    /// Marks the message finished; `sent` counts a customer-service message against the window's quota.
+    public func markReplied(_ m: InboundMessage, sent: Bool) async throws {
+        _ = try await redis.eval(
+            Self.markRepliedScript, keys: [recordKey(m.dedupKey), sessionKey(m.fromUserName)], arguments: [sent ? "1" : "0"])
+    }
+
+    /// The current session (for tests and tools).
+    public func session(_ openID: String) async throws -> SessionSnapshot {
+        SessionSnapshot(values: try await redis.hgetall(sessionKey(openID)))
+    }
+}

@@ -1,0 +1,351 @@
+import AMQP
+import AsyncHTTPClient
+import CoreMetrics
+import Foundation
+import Logging
+import Prometheus
+import Redis
+import RelayCore
+import ServiceLifecycle
+import Synchronization
+import TokenClient
+import WeChat
+
+/// Logic that rules cannot express. Handlers run before the rules, in order;
+/// the first that returns a decision wins, `nil` passes the message on.
+///
+/// ```swift
+/// struct EchoHandler: MessageHandler {
+///     func decide(_ message: InboundMessage, session: SessionSnapshot) async throws -> ReplyRules.Decision? {
+///         guard case .text(let content) = message.kind, content.hasPrefix("echo ") else { return nil }
+///         return .init(reply: .text(to: message.fromUserName, String(content.dropFirst(5))), setState: nil)
+///     }
+/// }
+/// ```
+/// Decisions must depend only on the message and the snapshot: a redelivered
+/// message is decided again from the same snapshot.
+public protocol MessageHandler: Sendable {
+    func decide(_ message: InboundMessage, session: SessionSnapshot) async throws -> ReplyRules.Decision?
+}
+
+/// The worker's RabbitMQ additions to ``WeChatTopology``: delay queues whose
+/// messages dead-letter back to the inbound exchange with their shard routing key.
+public struct RetryTopology: Sendable {
+    public let base: WeChatTopology
+    /// Delays before the 1st, 2nd and 3rd retry; after that the message is dead-lettered.
+    public var delays: [Duration] = [.seconds(1), .seconds(5), .seconds(30)]
+
+    public init(base: WeChatTopology) { self.base = base }
+
+    public func exchange(_ i: Int) -> String { "\(base.prefix).retry.\(i)" }
+    public func queue(_ i: Int) -> String { "\(base.prefix).retry.\(i).q" }
+
+    public var topology: AMQPTopology {
+        var t = base.inbound
+        for (i, d) in delays.enumerated() {
+            t.exchanges.append(.init(exchange(i), type: "fanout"))
+            t.queues.append(.init(queue(i), messageTTL: Int64(d.components.seconds * 1000), arguments: ["x-dead-letter-exchange": .string(base.inboundExchange)]))
+            t.bindings.append(.init(queue: queue(i), exchange: exchange(i)))
+        }
+        return t
+    }
+}
+
+/// Header names the worker adds.
+public enum WorkerHeader {
+    public static let retryCount = "x-retry-count"
+    public static let reason = "x-relay-reason"
+    public static let originalRoutingKey = "x-original-routing-key"
+}
+
+/// The worker's metrics.
+public struct WorkerMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    let consumed, replied, duplicates, retried, deadLettered, skipped, noReply: CoreMetrics.Counter
+    let sendLatency, endToEnd: CoreMetrics.Timer
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        let f = PrometheusMetricsFactory(registry: registry)
+        func counter(_ outcome: String) -> CoreMetrics.Counter {
+            CoreMetrics.Counter(label: "wechat_worker_messages_total", dimensions: [("outcome", outcome)], factory: f)
+        }
+        consumed = CoreMetrics.Counter(label: "wechat_worker_consumed_total", factory: f)
+        replied = counter("replied")
+        duplicates = counter("duplicate")
+        retried = counter("retried")
+        deadLettered = counter("dead_lettered")
+        skipped = counter("skipped_window")
+        noReply = counter("no_reply")
+        sendLatency = CoreMetrics.Timer(label: "wechat_worker_send_seconds", factory: f)
+        endToEnd = CoreMetrics.Timer(label: "wechat_worker_end_to_end_seconds", factory: f)
+    }
+}
+
+/// Consumes the shard queues and turns messages into replies.
+public final class Worker: Sendable {
+    public let amqp: AMQPConnection
+    public let store: SessionStore
+    public let retry: RetryTopology
+    public let metrics: WorkerMetrics
+    let rules: ReplyRules
+    let handlers: [any MessageHandler]
+    let sender: Sender
+    let concurrency: Int
+    let logger: Logger
+    private let paused = Mutex<Date?>(nil)
+    private let consuming = Atomic<Int>(0)
+
+    public init(
+        amqp: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
+        topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger
+    ) {
+        self.amqp = amqp
+        self.store = store
+        self.sender = sender
+        self.rules = rules
+        self.handlers = handlers
+        self.retry = RetryTopology(base: topology)
+        self.concurrency = max(1, concurrency)
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// Whether every shard has a live consumer (for `/readyz`).
+    public var isConsuming: Bool { amqp.isConnected && consuming.load(ordering: .relaxed) == retry.base.shardCount }
+
+    /// Consumes until cancelled or graceful shutdown; then stops consuming, finishes
+    /// the messages in hand (their acks go out before the connection closes) and returns.
+    public func run() async throws {
+        try await amqp.declare(retry.topology)
+        let limiter = Limiter(permits: concurrency)
+        let chains = Chains()
+        let consumers = try await (0..<retry.base.shardCount).asyncMap { n in
+            try await amqp.consume(queue: retry.base.shardQueue(n), prefetch: UInt16(min(concurrency, Int(UInt16.max))))
+        }
+        consuming.store(consumers.count, ordering: .relaxed)
+        await withGracefulShutdownHandler {
+            await withTaskGroup(of: Void.self) { group in
+                for consumer in consumers {
+                    group.addTask {
+                        do {
+                            for try await delivery in consumer {
+                                await limiter.acquire()
+                                let user = delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? ""
+                                // One user's messages run one after another, in arrival order; users run in parallel.
+                                chains.append(user) {
+                                    await self.process(delivery)
+                                    limiter.release()
+                                }
+                            }
+                        } catch {
+                            self.logger.error("consumer ended", metadata: ["error": "\(error)"])
+                        }
+                    }
+                }
+            }
+        } onGracefulShutdown: {
+            Task { for c in consumers { await c.cancel() } }
+        }
+        consuming.store(0, ordering: .relaxed)
+        await chains.waitForAll()
+    }
+
+    /// Handles one delivery to a final outcome, then acknowledges it.
+    func process(_ delivery: AMQPDelivery) async {
+        metrics.consumed.increment()
+        let message: InboundMessage
+        do {
+            message = try InboundMessage(xml: delivery.message.body)
+        } catch {
+            await deadLetter(delivery, reason: "malformed message: \(error)")
+            return
+        }
+        do {
+            try await handle(message, delivery)
+        } catch {
+            // Redis or broker trouble: try again later rather than lose the message.
+            logger.error("processing failed", metadata: ["wechat.dedup_key": "\(message.dedupKey)", "error": "\(error)"])
+            await retryLater(delivery, reason: "processing failed: \(error)")
+        }
+    }
+
+    private func handle(_ message: InboundMessage, _ delivery: AMQPDelivery) async throws {
+        let now = Int64(Date().timeIntervalSince1970)
+        let observation = try await store.observe(message, now: now)
+        if observation.replied {
+            metrics.duplicates.increment()
+            logger.debug("duplicate dropped", metadata: ["wechat.dedup_key": "\(message.dedupKey)"])
+            try delivery.ack()
+            return
+        }
+        if !observation.isNew, observation.decision == nil { metrics.duplicates.increment() }
+        var decision: ReplyRules.Decision
+        if let stored = observation.decision {
+            decision = stored
+        } else {
+            decision = try await decide(message, observation.snapshot)
+            decision = try await store.commit(decision, for: message)
+        }
+        guard let reply = decision.reply else {
+            metrics.noReply.increment()
+            try await store.markReplied(message, sent: false)
+            try delivery.ack()
+            return
+        }
+        if let pause = paused.withLock({ $0 }), pause > Date() {
+            await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
+            return
+        }
+        if let why = observation.snapshot.sendWouldFail(now: now) {
+            metrics.skipped.increment()
+            logger.info("reply skipped", metadata: ["wechat.openid": "\(message.fromUserName)", "reason": "\(why)"])
+            try await store.markReplied(message, sent: false)
+            try delivery.ack()
+            return
+        }
+        let start = ContinuousClock.now
+        let outcome = await sender.send(reply)
+        metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).nanosecondsCount)
+        switch outcome {
+        case .sent:
+            try await store.markReplied(message, sent: true)
+            metrics.replied.increment()
+            if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
+                metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
+            }
+            try delivery.ack()
+        case .retryLater(let why):
+            await retryLater(delivery, reason: why)
+        case .permanent(let code, let why):
+            logger.warning("reply refused for good", metadata: ["wechat.openid": "\(message.fromUserName)", "wechat.errcode": "\(code)", "reason": "\(why)"])
+            try await store.markReplied(message, sent: false)
+            try delivery.ack()
+        case .alert(let code, let why):
+            logger.critical(
+                "WeChat refuses to send for this account; pausing sends for 5 minutes",
+                metadata: ["wechat.errcode": "\(code)", "reason": "\(why)"])
+            paused.withLock { $0 = Date().addingTimeInterval(300) }
+            await deadLetter(delivery, reason: "errcode \(code): \(why)")
+        }
+    }
+
+    private func decide(_ message: InboundMessage, _ snapshot: SessionSnapshot) async throws -> ReplyRules.Decision {
+        for h in handlers {
+            if let d = try await h.decide(message, session: snapshot) { return d }
+        }
+        return try rules.decide(message, session: snapshot)
+    }
+
+    /// Sends the message through the next delay queue, or dead-letters it after the last one.
+    func retryLater(_ d: AMQPDelivery, reason: String) async {
+        let attempt = Int(d.message.properties.headers[WorkerHeader.retryCount]?.intValue ?? 0)
+        guard attempt < retry.delays.count else {
+            await deadLetter(d, reason: "gave up after \(attempt) retries: \(reason)")
+            return
+        }
+        var copy = d.message
+        copy.properties.headers[WorkerHeader.retryCount] = .int(Int64(attempt + 1))
+        copy.properties.headers[WorkerHeader.reason] = .string(reason)
+        do {
+            try await amqp.publish(copy, exchange: retry.exchange(attempt), routingKey: d.routingKey, confirmTimeout: .seconds(10))
+            metrics.retried.increment()
+            logger.info("retrying later", metadata: ["attempt": "\(attempt + 1)", "reason": "\(reason)"])
+            try d.ack()
+        } catch {
+            // Not confirmed: give it back to the queue instead of losing it.
+            logger.error("cannot schedule a retry; requeueing", metadata: ["error": "\(error)"])
+            try? d.nack(requeue: true)
+        }
+    }
+
+    /// Publishes the message to the dead-letter exchange with the reason, then acks it.
+    func deadLetter(_ d: AMQPDelivery, reason: String) async {
+        var copy = d.message
+        copy.properties.headers[WorkerHeader.reason] = .string(reason)
+        copy.properties.headers[WorkerHeader.originalRoutingKey] = .string(d.routingKey)
+        do {
+            try await amqp.publish(copy, exchange: retry.base.deadLetterExchange, routingKey: d.routingKey, confirmTimeout: .seconds(10))
+            metrics.deadLettered.increment()
+            logger.warning("dead-lettered", metadata: ["reason": "\(reason)"])
+            try d.ack()
+        } catch {
+            logger.error("cannot dead-letter; requeueing", metadata: ["error": "\(error)"])
+            try? d.nack(requeue: true)
+        }
+    }
+}
+
+/// A counting semaphore for async tasks.
+final class Limiter: Sendable {
+    private let state: Mutex<(free: Int, waiters: [CheckedContinuation<Void, Never>])>
+
+    init(permits: Int) { state = Mutex((permits, [])) }
+
+    func acquire() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let go = state.withLock { s -> Bool in
+                if s.free > 0 {
+                    s.free -= 1
+                    return true
+                }
+                s.waiters.append(c)
+                return false
+            }
+            if go { c.resume() }
+        }
+    }
+
+    func release() {
+        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            if s.waiters.isEmpty {
+                s.free += 1
+                return nil
+            }
+            return s.waiters.removeFirst()
+        }
+        next?.resume()
+    }
+}
+
+/// Per-key chains of work: each job for a key starts after the previous one for that key.
+final class Chains: Sendable {
+    private let tails = Mutex<[String: (id: Int, task: Task<Void, Never>)]>([:])
+    private let counter = Atomic<Int>(0)
+
+    func append(_ key: String, _ job: @escaping @Sendable () async -> Void) {
+        let id = counter.wrappingAdd(1, ordering: .relaxed).newValue
+        tails.withLock { t in
+            let previous = t[key]?.task
+            let task = Task {
+                await previous?.value
+                await job()
+                self.finished(key, id)
+            }
+            t[key] = (id, task)
+        }
+    }
+
+    private func finished(_ key: String, _ id: Int) {
+        tails.withLock { t in if t[key]?.id == id { t[key] = nil } }
+    }
+
+    func waitForAll() async {
+        while let next = tails.withLock({ $0.values.first?.task }) { await next.value }
+    }
+}
+
+extension Sequence {
+    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var out: [T] = []
+        for e in self { out.append(try await transform(e)) }
+        return out
+    }
+}
+
+extension Duration {
+    var nanosecondsCount: Int64 {
+        let (s, attos) = components
+        return s * 1_000_000_000 + attos / 1_000_000_000
+    }
+}

@@ -1,0 +1,56 @@
+import AMQP
+import Foundation
+import Redis
+import RelayCore
+
+/// The worker's settings (docs/CONTRACT.md, plus `WORKER_SESSION_TTL`).
+public struct WorkerConfiguration: Sendable {
+    public var appID: String
+    public var amqp: AMQPConfiguration
+    public var redis: RedisConfiguration
+    public var apiURL: String
+    public var tokendURL: String?
+    public var tokendSecret: String?
+    public var rules: ReplyRules
+    public var concurrency: Int
+    public var metricsPort: Int
+    public var sessionTTL: Int
+    public var topology: WeChatTopology
+
+    public init(_ env: RelayEnvironment) throws {
+        appID = try env.required("WECHAT_APPID")
+        do {
+            amqp = try AMQPConfiguration(
+                url: env.string("AMQP_URL", isSecret: true) ?? "amqp://guest:guest@127.0.0.1:5672/%2F", connectionName: "wechat-worker")
+        } catch let e as AMQPError {
+            throw ConfigurationError(variable: "AMQP_URL", reason: e.message)
+        }
+        do {
+            redis = try RedisConfiguration(url: env.string("REDIS_URL", isSecret: true) ?? "redis://127.0.0.1:6379/0")
+        } catch let e as RedisError {
+            throw ConfigurationError(variable: "REDIS_URL", reason: e.message)
+        }
+        apiURL = env.string("WECHAT_API_URL") ?? "https://api.weixin.qq.com"
+        tokendURL = env.string("TOKEND_URL")
+        tokendSecret = env.string("TOKEND_SECRET", isSecret: true)
+        if tokendURL != nil, tokendSecret == nil {
+            throw ConfigurationError(variable: "TOKEND_SECRET", reason: "is required when TOKEND_URL is set")
+        }
+        if let path = env.string("WORKER_RULES") {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw ConfigurationError(variable: "WORKER_RULES", reason: "cannot read '\(path)'")
+            }
+            do {
+                rules = try ReplyRules(yaml: text)
+            } catch {
+                throw ConfigurationError(variable: "WORKER_RULES", reason: "\(error)")
+            }
+        } else {
+            rules = .defaults
+        }
+        concurrency = try env.int("WORKER_CONCURRENCY", default: 64, range: 1...10_000)
+        metricsPort = try env.port("METRICS_PORT", default: 9100)
+        sessionTTL = try env.int("WORKER_SESSION_TTL", default: 30 * 86400, range: 60...(365 * 86400))
+        topology = WeChatTopology()
+    }
+}
