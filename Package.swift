@@ -224,6 +224,15 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "WorkerTests",
+            dependencies: [
+                "Worker", "Tokend", "TokenClient", "AMQP", "Redis", "RelayCore", "Simulator", "WeChat", "TestSupport",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .testTarget(
             name: "WeChatTests",
             dependencies: [
                 "WeChat", "TestSupport",

@@ -40,6 +40,9 @@ public final class FakePlatform: Sendable {
         public var expireTokens: Bool = false
         /// custom/send answers 45009 (daily quota exceeded).
         public var quotaExhausted: Bool = false
+        /// The next `failNextCount` calls of custom/send answer this errcode (e.g. -1, 40001), then normal service resumes.
+        public var failNextWith: Int = 0
+        public var failNextCount: Int = 0
 
         public init() {}
     }
@@ -88,6 +91,8 @@ public final class FakePlatform: Sendable {
         var seq = 0
         var faults = Faults()
         var menu: String?
+        var waiters: [(touser: String?, count: Int, continuation: CheckedContinuation<[Recorded], Never>)] = []
+        var sendCalls = 0
         var tokenCalls = 0
         var stableTokenCalls = 0
     }
@@ -230,6 +235,11 @@ public final class FakePlatform: Sendable {
     public func sendCustomerService(_ message: CustomerServiceMessage, body: String) -> APIErrorResponse {
         let now = clock()
         return state.withLock { s in
+            s.sendCalls += 1
+            if s.faults.failNextCount > 0 {
+                s.faults.failNextCount -= 1
+                return APIErrorResponse(errcode: s.faults.failNextWith, errmsg: "injected fault")
+            }
             if s.faults.quotaExhausted {
                 return APIErrorResponse(errcode: WeChatErrorCode.dailyQuotaExceeded, errmsg: "reach max api daily quota limit")
             }
@@ -272,7 +282,32 @@ public final class FakePlatform: Sendable {
             Recorded(
                 seq: s.seq, api: api, touser: touser, msgtype: msgtype, content: content, body: body,
                 receivedAtMs: Int64(now.timeIntervalSince1970 * 1000)))
+        let recorded = s.recorded
+        s.waiters.removeAll { w in
+            let mine = w.touser.map { u in recorded.filter { $0.touser == u } } ?? recorded
+            guard mine.count >= w.count else { return false }
+            w.continuation.resume(returning: mine)
+            return true
+        }
     }
+
+    /// Waits until at least `count` messages are recorded (for `touser`, or in all), and returns them.
+    /// Wakes on each recording — no polling.
+    public func waitForMessages(touser: String? = nil, count: Int) async -> [Recorded] {
+        await withCheckedContinuation { (c: CheckedContinuation<[Recorded], Never>) in
+            state.withLock { s in
+                let mine = touser.map { u in s.recorded.filter { $0.touser == u } } ?? s.recorded
+                if mine.count >= count {
+                    c.resume(returning: mine)
+                } else {
+                    s.waiters.append((touser, count, c))
+                }
+            }
+        }
+    }
+
+    /// How many times custom/send was called, answered or not.
+    public var sendCalls: Int { state.withLock { $0.sendCalls } }
 
     /// Recorded messages in arrival order, optionally for one user.
     public func messages(touser: String? = nil) -> [Recorded] {

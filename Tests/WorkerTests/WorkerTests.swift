@@ -1,0 +1,309 @@
+import AMQP
+import Foundation
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import Redis
+import RelayCore
+import ServiceLifecycle
+import Simulator
+import TestSupport
+import Testing
+import TokenClient
+import Tokend
+import WeChat
+import Worker
+
+let workerLogger: Logger = {
+    var l = Logger(label: "worker-test")
+    l.logLevel = .critical
+    return l
+}()
+
+/// RabbitMQ, Redis, the fake API and tokend (both on live ports), with names of their own.
+struct Stack: Sendable {
+    let platform: FakePlatform
+    let apiURL: String
+    let tokendURL: String
+    let appID: String
+    let topology: WeChatTopology
+    let pusher: AMQPConnection
+    let redis: RedisPool
+
+    /// A worker with its own broker connection (as a separate process would have).
+    func worker(rules: ReplyRules = .defaults, concurrency: Int = 16) async throws -> Worker {
+        var config = try AMQPConfiguration(url: TestServices.amqpURL(), connectionName: "worker-test")
+        config.maxReconnectDelay = .milliseconds(300)
+        let amqp = try await AMQPConnection.connect(configuration: config, topology: topology.inbound, logger: workerLogger)
+        let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
+        return Worker(
+            amqp: amqp, store: SessionStore(redis: redis, appID: appID), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
+            rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger)
+    }
+
+    /// Publishes a push as the ingress would, after telling the fake platform (which opens the window).
+    @discardableResult
+    func push(_ kind: String, _ value: String? = nil, key: String? = nil, from user: String, msgID: UInt64? = nil) async throws -> InboundMessage {
+        let xml = try PushBuilder.xml(
+            kind: kind, value: value, eventKey: key, from: user, to: "gh_test", msgID: msgID ?? UInt64.random(in: 1...UInt64(Int64.max)))
+        let m = try InboundMessage(xml: xml)
+        platform.userPushed(openID: user, msgType: m.msgType, event: m.event)
+        try await publish(xml: xml, message: m)
+        return m
+    }
+
+    func publish(xml: String, message m: InboundMessage) async throws {
+        var headers: AMQPTable = [WeChatTopology.Header.openID: .string(m.fromUserName), WeChatTopology.Header.msgType: .string(m.msgType),
+            WeChatTopology.Header.receivedAtMs: .int(Int64(Date().timeIntervalSince1970 * 1000))]
+        if let e = m.event { headers[WeChatTopology.Header.event] = .string(e) }
+        try await pusher.publish(
+            AMQPMessage(xml, properties: AMQPProperties(contentType: "application/xml", headers: headers, messageID: m.dedupKey)),
+            exchange: topology.inboundExchange, routingKey: topology.routingKey(openID: m.fromUserName))
+    }
+
+    /// The text replies a user got, in order, once there are `count`.
+    func replies(to user: String, count: Int) async -> [String] {
+        await platform.waitForMessages(touser: user, count: count).map { $0.content ?? $0.msgtype }
+    }
+
+    var deadLetters: DeadLetterTool { DeadLetterTool(amqp: pusher, topology: topology) }
+}
+
+func withStack(quota: Int = 5, _ body: @escaping @Sendable (Stack) async throws -> Void) async throws {
+    let appID = "wxw\(UInt32.random(in: 0 ... .max))"
+    var settings = FakePlatform.Settings(appID: appID, secret: "s3cret")
+    settings.messageQuota = quota
+    let platform = FakePlatform(settings: settings)
+    let api = Application(
+        router: FakeAPI(platform: platform, logger: workerLogger).router(), configuration: .init(address: .hostname("127.0.0.1", port: 0)),
+        logger: workerLogger)
+    try await api.test(.live) { apiClient in
+        let apiURL = "http://127.0.0.1:\(try #require(apiClient.port))"
+        let redis = RedisPool(configuration: try RedisConfiguration(url: TestServices.redisURL()), size: 16, logger: workerLogger)
+        let tokendConfig = try TokendConfiguration(RelayEnvironment([
+            "WECHAT_APPID": appID, "WECHAT_SECRET": "s3cret", "TOKEND_SECRET": "bearer", "REDIS_URL": try TestServices.redisURL(),
+            "WECHAT_API_URL": apiURL,
+        ]))
+        let tokend = Tokend(configuration: tokendConfig, redis: redis, logger: workerLogger)
+        _ = try await tokend.accessToken.refresh(.missing)
+        let tokendApp = Application(router: buildTokendRouter(tokend), configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: workerLogger)
+        try await tokendApp.test(.live) { tokendClient in
+            let topology = WeChatTopology(prefix: TestServices.unique("worker"), shardCount: 2)
+            let pusher = try await AMQPConnection.connect(
+                configuration: AMQPConfiguration(url: TestServices.amqpURL()), topology: topology.inbound, logger: workerLogger)
+            let stack = Stack(
+                platform: platform, apiURL: apiURL, tokendURL: "http://127.0.0.1:\(try #require(tokendClient.port))", appID: appID,
+                topology: topology, pusher: pusher, redis: redis)
+            do {
+                try await body(stack)
+            } catch {
+                await cleanUp(stack)
+                throw error
+            }
+            await cleanUp(stack)
+        }
+        redis.close()
+    }
+}
+
+func cleanUp(_ s: Stack) async {
+    let retry = RetryTopology(base: s.topology)
+    for q in (0..<s.topology.shardCount).map(s.topology.shardQueue) + [s.topology.deadLetterQueue] + (0..<3).map(retry.queue) {
+        _ = try? await s.pusher.deleteQueue(q)
+    }
+    for x in [s.topology.inboundExchange, s.topology.deadLetterExchange] + (0..<3).map(retry.exchange) {
+        try? await s.pusher.deleteExchange(x)
+    }
+    await s.pusher.close()
+}
+
+/// Runs workers in a ServiceGroup while `body` runs, then shuts them down gracefully.
+func running(_ workers: [Worker], _ body: () async throws -> Void) async throws {
+    struct Runner: Service {
+        let worker: Worker
+        func run() async throws { try await worker.run() }
+    }
+    let group = ServiceGroup(
+        configuration: .init(services: workers.flatMap { [.init(service: $0.amqp), .init(service: Runner(worker: $0))] }, logger: workerLogger))
+    try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        do {
+            try await body()
+        } catch {
+            await group.triggerGracefulShutdown()
+            throw error
+        }
+        await group.triggerGracefulShutdown()
+        try await tasks.waitForAll()
+    }
+}
+
+let help = "您好!输入“菜单”查看功能列表"
+let unsupported = "暂不支持该指令"
+
+@Suite("wechat-worker", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+struct WorkerTests {
+    @Test func everyRowOfTheDefaultRules() async throws {
+        try await withStack(quota: 100) { s in
+            let w = try await s.worker()
+            let u = "oRules"
+            try await running([w]) {
+                try await s.push("text", "帮助", from: u)
+                try await s.push("event", "CLICK", key: "HELP", from: u)
+                try await s.push("text", "菜单", from: u)
+                try await s.push("text", "1", from: u)  // 3 messages so far (events do not count)
+                try await s.push("image", from: u)      // in the menu, anything else: the other rows
+                try await s.push("text", "1", from: u)  // still in the menu: 5 messages
+                try await s.push("text", "2", from: u)
+                try await s.push("text", "1", from: u)  // out of the menu now
+                try await s.push("event", "LOCATION", from: u)
+                try await s.push("event", "VIEW", key: "https://x", from: u)
+                try await s.push("event", "CLICK", key: "OTHER", from: u)
+                try await s.push("voice", "帮助", from: u)  // Recognition counts as text
+                try await s.push("event", "subscribe", from: u)
+                try await s.push("link", from: u)
+                let replies = await s.replies(to: u, count: 11)
+                #expect(replies == [
+                    help, help, "功能列表\n1 我的消息数\n2 退出菜单", "您已发送3条消息", unsupported, "您已发送5条消息", "已退出菜单",
+                    unsupported, help, "感谢关注！输入“帮助”查看使用说明", unsupported,
+                ])
+                // Unsubscribe: no reply, the session is marked.
+                try await s.push("event", "unsubscribe", from: u)
+                try await s.push("text", "帮助", from: "oOther")
+                _ = await s.replies(to: "oOther", count: 1)
+            }
+            #expect(s.platform.messages(touser: u).count == 11)
+            let session = try await SessionStore(redis: s.redis, appID: s.appID).session(u)
+            #expect(session.values["subscribed"] == "0")
+            #expect(session.messages == 9)
+        }
+    }
+
+    @Test func threePushesOfOneMessageGiveOneReplyAndCountOnce() async throws {
+        try await withStack { s in
+            let w = try await s.worker()
+            try await running([w]) {
+                for _ in 0..<3 { try await s.push("text", "菜单", from: "oDup", msgID: 42) }
+                try await s.push("text", "1", from: "oDup", msgID: 43)
+                let replies = await s.replies(to: "oDup", count: 2)
+                #expect(replies == ["功能列表\n1 我的消息数\n2 退出菜单", "您已发送2条消息"])
+            }
+            #expect(s.platform.messages(touser: "oDup").count == 2)
+        }
+    }
+
+    @Test func oneUsersMessagesAreAnsweredInOrderAcrossFourWorkers() async throws {
+        let echo = try ReplyRules(yaml: "rules:\n  - match: { type: text }\n    reply: { text: \"{{message.Content}}\" }\n")
+        try await withStack(quota: 1000) { s in
+            var workers: [Worker] = []
+            for _ in 0..<4 { workers.append(try await s.worker(rules: echo)) }
+            try await running(workers) {
+                for i in 0..<200 { try await s.push("text", "m\(i)", from: "oOrder") }
+                let replies = await s.replies(to: "oOrder", count: 200)
+                #expect(replies == (0..<200).map { "m\($0)" })
+            }
+        }
+    }
+
+    @Test func aRejectedTokenIsRefreshedAndTheReplySentOnce() async throws {
+        try await withStack { s in
+            let w = try await s.worker()
+            var faults = FakePlatform.Faults()
+            faults.failNextWith = 40001
+            faults.failNextCount = 1
+            s.platform.faults = faults
+            let before = s.platform.tokenCalls.stableToken
+            try await running([w]) {
+                try await s.push("text", "帮助", from: "oToken")
+                #expect(await s.replies(to: "oToken", count: 1) == [help])
+            }
+            #expect(s.platform.tokenCalls.stableToken == before + 1)
+            #expect(s.platform.messages(touser: "oToken").count == 1)
+        }
+    }
+
+    @Test func systemBusyTwiceIsRetriedThroughTheDelayQueue() async throws {
+        try await withStack { s in
+            let w = try await s.worker()
+            var faults = FakePlatform.Faults()
+            faults.failNextWith = -1
+            faults.failNextCount = 2
+            s.platform.faults = faults
+            try await running([w]) {
+                try await s.push("text", "帮助", from: "oBusy")
+                #expect(await s.replies(to: "oBusy", count: 1) == [help])
+            }
+            #expect(s.platform.messages(touser: "oBusy").count == 1)
+            #expect(s.platform.sendCalls == 3)
+        }
+    }
+
+    @Test func outsideTheWindowIsNotRetried() async throws {
+        try await withStack { s in
+            let w = try await s.worker()
+            try await running([w]) {
+                // Published without telling the platform: WeChat answers 45015.
+                let xml = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oLate", to: "gh_test")
+                try await s.publish(xml: xml, message: try InboundMessage(xml: xml))
+                // A user on the same shard: delivered after oLate, so oLate is in hand before the shutdown.
+                let next = try #require((0..<1000).map { "oNext\($0)" }.first { s.topology.shard(openID: $0) == s.topology.shard(openID: "oLate") })
+                try await s.push("text", "帮助", from: next)
+                _ = await s.replies(to: next, count: 1)
+            }
+            #expect(s.platform.messages(touser: "oLate").isEmpty)
+            // Once, not retried, and not dead-lettered.
+            #expect(s.platform.sendCalls == 2)
+            #expect(try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount == 0)
+        }
+    }
+
+    @Test func malformedMessagesAreDeadLetteredAndCanBeReplayed() async throws {
+        try await withStack { s in
+            let w = try await s.worker()
+            try await running([w]) {
+                try await s.pusher.publish(
+                    AMQPMessage("<xml><oops>", properties: AMQPProperties(headers: [WeChatTopology.Header.openID: "oBad"])),
+                    exchange: s.topology.inboundExchange, routingKey: s.topology.routingKey(openID: "oBad"))
+                // A good message that failed for good earlier, waiting in the dead-letter queue.
+                let xml = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oReplay", to: "gh_test")
+                let m = try InboundMessage(xml: xml)
+                s.platform.userPushed(openID: "oReplay", msgType: "text", event: nil)
+                try await s.pusher.publish(
+                    AMQPMessage(xml, properties: AMQPProperties(headers: [WeChatTopology.Header.openID: "oReplay", WorkerHeader.reason: "errcode 45009"], messageID: m.dedupKey)),
+                    exchange: s.topology.deadLetterExchange, routingKey: "")
+                // Wait for the malformed one to be dead-lettered (a second dead letter appears).
+                while try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount < 2 { await Task.yield() }
+                let listed = try await s.deadLetters.list(limit: 10)
+                #expect(listed.count == 2)
+                #expect(listed.contains { $0.contains("reason=malformed message") })
+                #expect(listed.contains { $0.contains("errcode 45009") })
+                // Listing leaves them in place; replaying sends them back to their shard.
+                while try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount < 2 { await Task.yield() }
+                #expect(try await s.deadLetters.replay(limit: 10) == 2)
+                #expect(await s.replies(to: "oReplay", count: 1) == [help])
+            }
+        }
+    }
+
+    @Test func gracefulShutdownLosesNothing() async throws {
+        try await withStack(quota: 1000) { s in
+            let first = try await s.worker()
+            var pushed: [String] = []
+            try await running([first]) {
+                for i in 0..<100 {
+                    let user = "oShut\(i % 10)"
+                    try await s.push("text", "帮助", from: user)
+                    pushed.append(user)
+                }
+                _ = await s.platform.waitForMessages(count: 10)
+            }  // shut down while most are still queued or in flight
+            // A new worker finishes the rest: every message answered exactly once.
+            let second = try await s.worker()
+            try await running([second]) {
+                _ = await s.platform.waitForMessages(count: 100)
+            }
+            #expect(s.platform.messages().count == 100)
+            for u in Set(pushed) { #expect(s.platform.messages(touser: u).count == 10) }
+        }
+    }
+}
