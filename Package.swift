@@ -226,7 +226,7 @@ let package = Package(
         .testTarget(
             name: "WorkerTests",
             dependencies: [
-                "Worker", "Tokend", "TokenClient", "AMQP", "Redis", "RelayCore", "Simulator", "WeChat", "TestSupport",
+                "Worker", "Tokend", "TokenClient", "AMQP", "Redis", "RelayCore", "Simulator", "WeChat", "TestSupport", "Ingress",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -71,6 +71,8 @@ public final class BenchRunner: Sendable {
     }
 
     private let state = Mutex(State())
+    /// MsgIds of this run start here, so that runs never look like retries of each other to the dedup.
+    private let msgIDBase = UInt64.random(in: 1...(1 << 40)) << 20
 
     public init(settings: BenchSettings, pusher: Pusher, platform: FakePlatform, client: HTTPClient) {
         self.settings = settings
@@ -121,7 +123,7 @@ public final class BenchRunner: Sendable {
     private func pushOne(index: Int, user: String, scheduled: ContinuousClock.Instant, scheduledMs: Int64) async {
         do {
             let xml = try PushBuilder.xml(
-                kind: "text", value: settings.text, eventKey: nil, from: user, to: pusher.accountID, msgID: UInt64(1_000_000 + index))
+                kind: "text", value: settings.text, eventKey: nil, from: user, to: pusher.accountID, msgID: msgIDBase + UInt64(index))
             platform.userPushed(openID: user, msgType: "text", event: nil)
             let result = try await pusher.push(xml, openID: user, client: client)
             let elapsed = ContinuousClock.now - scheduled

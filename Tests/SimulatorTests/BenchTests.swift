@@ -5,6 +5,7 @@ import Logging
 import Simulator
 import Testing
 import WeChat
+import Synchronization
 
 /// The bench's bookkeeping, against a stand-in for ingress + worker that answers
 /// `success` and replies through the fake platform — except that it drops the
@@ -13,15 +14,16 @@ import WeChat
 struct BenchTests {
     @Test func countsLostAndDuplicatedReplies() async throws {
         let platform = FakePlatform(settings: .init(appID: "wx_b", secret: "s"))
+        let arrivals = Arrivals()
         let router = Router()
         router.post("/wechat") { request, _ -> String in
             let body = try await request.body.collect(upTo: 1 << 16)
             let message = try InboundMessage(xml: Array(body.readableBytesView))
             let reply = CustomerServiceMessage.text(to: message.fromUserName, "您好")
             let json = String(decoding: try WeChatJSON.encode(reply), as: UTF8.self)
-            switch message.msgID {
-            case "1000003": break  // lost
-            case "1000005":
+            switch arrivals.next() {
+            case 3: break  // lost
+            case 5:
                 _ = platform.sendCustomerService(reply, body: json)
                 _ = platform.sendCustomerService(reply, body: json)  // duplicated
             default:
@@ -47,4 +49,9 @@ struct BenchTests {
             #expect(report.ingressLatencyMs.count == 20)
         }
     }
+}
+
+final class Arrivals: Sendable {
+    private let count = Mutex(0)
+    func next() -> Int { count.withLock { $0 += 1; return $0 } }
 }

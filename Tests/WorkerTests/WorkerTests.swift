@@ -1,6 +1,7 @@
 import AMQP
 import Foundation
 import Hummingbird
+import Ingress
 import HummingbirdTesting
 import Logging
 import Redis
@@ -304,6 +305,57 @@ struct WorkerTests {
             }
             #expect(s.platform.messages().count == 100)
             for u in Set(pushed) { #expect(s.platform.messages(touser: u).count == 10) }
+        }
+    }
+}
+
+@Suite("Full stack", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+struct FullStackTests {
+    @Test func theMenuDialogContinuesOnAnotherWorker() async throws {
+        try await withStack { s in
+            let a = try await s.worker()
+            try await running([a]) {
+                try await s.push("text", "菜单", from: "oDialog")
+                _ = await s.replies(to: "oDialog", count: 1)
+            }
+            // Worker A is gone; B knows the user is in the menu, from Redis.
+            let b = try await s.worker()
+            try await running([b]) {
+                try await s.push("text", "1", from: "oDialog")
+                #expect(await s.replies(to: "oDialog", count: 2).last == "您已发送2条消息")
+            }
+        }
+    }
+
+    @Test func benchAgainstTheFullStackLosesAndDuplicatesNothing() async throws {
+        try await withStack(quota: 1000) { s in
+            // The ingress, publishing into this stack's topology.
+            var env = ["WECHAT_APPID": s.appID, "WECHAT_TOKEN": "tok", "AMQP_URL": try TestServices.amqpURL()]
+            env["WECHAT_AES_KEY"] = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+            var configuration = try IngressConfiguration(RelayEnvironment(env))
+            configuration.topology = s.topology
+            let handler = IngressHandler(configuration: configuration, amqp: s.pusher, metrics: IngressMetrics(), logger: workerLogger)
+            let ingress = Application(router: buildIngressRouter(handler), configuration: .init(address: .hostname("127.0.0.1", port: 0)))
+            let workers = [try await s.worker(), try await s.worker()]
+            try await ingress.test(.live) { client in
+                let port = try #require(client.port)
+                try await running(workers) {
+                    for mode in Pusher.Mode.allCases {
+                        let pusher = Pusher(
+                            ingressURL: "http://127.0.0.1:\(port)/wechat", appID: s.appID, token: "tok",
+                            aesKey: try EncodingAESKey("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"), accountID: "gh_test", mode: mode)
+                        let runner = BenchRunner(
+                            settings: BenchSettings(rate: 100, duration: .seconds(2), users: 20, drainTimeout: .seconds(20)),
+                            pusher: pusher, platform: s.platform, client: .shared)
+                        let report = await runner.run { _ in }
+                        #expect(report.accepted == 200, "\(mode)")
+                        #expect(report.errors.isEmpty, "\(mode)")
+                        #expect(report.lost == 0, "\(mode)")
+                        #expect(report.duplicated == 0, "\(mode)")
+                        #expect(report.pushToReplyMs.count == 200, "\(mode)")
+                    }
+                }
+            }
         }
     }
 }
