@@ -46,6 +46,9 @@ public struct BenchReport: Codable, Sendable {
     public var lost: Int
     /// Replies beyond one per accepted push.
     public var duplicated: Int
+    /// custom/send calls the fake API refused during the run, by errcode (45047: the user's
+    /// quota was used up because replies lagged behind; 45015: window closed).
+    public var refusedByAPI: [String: Int]
     public var seconds: Double
     /// Accepted pushes per second of the pushing phase.
     public var throughput: Double
@@ -84,6 +87,7 @@ public final class BenchRunner: Sendable {
     /// Runs the load, waits for the replies, and reports. `progress` gets a line about every second.
     public func run(progress: @escaping @Sendable (String) -> Void) async -> BenchReport {
         platform.clearMessages()
+        let refusedBefore = platform.refusals
         let interval = 1.0 / settings.rate
         let total = Int(settings.rate * settings.duration.seconds)
         let start = ContinuousClock.now
@@ -110,14 +114,17 @@ public final class BenchRunner: Sendable {
             await group.waitForAll()
         }
         let pushingSeconds = (ContinuousClock.now - start).seconds
-        // Wait for the replies (polling the in-process fake API; this is a tool, not a test).
+        // Wait for the replies, polling the in-process fake API (bounded by the drain timeout;
+        // `waitForMessages` cannot be abandoned at a timeout, so it is not used here).
         let expected = state.withLock { $0.accepted }
         let deadline = ContinuousClock.now + settings.drainTimeout
         while platform.messages().count < expected, ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(100))
         }
         ticker.cancel()
-        return report(pushingSeconds: pushingSeconds)
+        var refused: [String: Int] = [:]
+        for (code, n) in platform.refusals where n > refusedBefore[code, default: 0] { refused[String(code)] = n - refusedBefore[code, default: 0] }
+        return report(pushingSeconds: pushingSeconds, refused: refused)
     }
 
     private func pushOne(index: Int, user: String, scheduled: ContinuousClock.Instant, scheduledMs: Int64) async {
@@ -145,7 +152,7 @@ public final class BenchRunner: Sendable {
         }
     }
 
-    private func report(pushingSeconds: Double) -> BenchReport {
+    private func report(pushingSeconds: Double, refused: [String: Int]) -> BenchReport {
         let replies = platform.messages()
         var byUser: [String: [Int64]] = [:]
         for r in replies where r.api == "custom" { byUser[r.touser, default: []].append(r.receivedAtMs) }
@@ -162,7 +169,7 @@ public final class BenchRunner: Sendable {
             for (user, got) in byUser where s.sentAt[user] == nil { duplicated += got.count }
             return BenchReport(
                 pushed: s.pushed, accepted: s.accepted, errors: s.errors, replies: replies.count, lost: lost,
-                duplicated: duplicated, seconds: pushingSeconds, throughput: Double(s.accepted) / pushingSeconds,
+                duplicated: duplicated, refusedByAPI: refused, seconds: pushingSeconds, throughput: Double(s.accepted) / pushingSeconds,
                 ingressLatencyMs: Self.latency(s.ingress), pushToReplyMs: Self.latency(e2e))
         }
     }

@@ -45,6 +45,18 @@ public final class FakePlatform: Sendable {
         public var failNextCount: Int = 0
 
         public init() {}
+
+        /// Every field is optional in JSON: `{"errorRate": 0.1}` sets just that.
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            errorRate = try c.decodeIfPresent(Double.self, forKey: .errorRate) ?? 0
+            latencyMs = try c.decodeIfPresent(Int.self, forKey: .latencyMs) ?? 0
+            dropRate = try c.decodeIfPresent(Double.self, forKey: .dropRate) ?? 0
+            expireTokens = try c.decodeIfPresent(Bool.self, forKey: .expireTokens) ?? false
+            quotaExhausted = try c.decodeIfPresent(Bool.self, forKey: .quotaExhausted) ?? false
+            failNextWith = try c.decodeIfPresent(Int.self, forKey: .failNextWith) ?? 0
+            failNextCount = try c.decodeIfPresent(Int.self, forKey: .failNextCount) ?? 0
+        }
     }
 
     /// A message accepted by the fake API, as `GET /sim/messages` returns it.
@@ -93,6 +105,7 @@ public final class FakePlatform: Sendable {
         var menu: String?
         var waiters: [(touser: String?, count: Int, continuation: CheckedContinuation<[Recorded], Never>)] = []
         var sendCalls = 0
+        var refusals: [Int: Int] = [:]
         var tokenCalls = 0
         var stableTokenCalls = 0
     }
@@ -234,7 +247,16 @@ public final class FakePlatform: Sendable {
     /// Accepts or refuses a customer-service message to `openID` and records it.
     public func sendCustomerService(_ message: CustomerServiceMessage, body: String) -> APIErrorResponse {
         let now = clock()
-        return state.withLock { s in
+        let answer = decideSend(message, body: body, now: now)
+        if answer.errcode != 0 { state.withLock { $0.refusals[answer.errcode, default: 0] += 1 } }
+        return answer
+    }
+
+    /// custom/send calls refused so far by the send rules (window, quota, unsubscribed, 45009, failNext), by errcode.
+    public var refusals: [Int: Int] { state.withLock { $0.refusals } }
+
+    private func decideSend(_ message: CustomerServiceMessage, body: String, now: Date) -> APIErrorResponse {
+        state.withLock { s in
             s.sendCalls += 1
             if s.faults.failNextCount > 0 {
                 s.faults.failNextCount -= 1

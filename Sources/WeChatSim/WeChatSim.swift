@@ -176,6 +176,7 @@ struct BenchCommand: AsyncParsableCommand {
     @Option(help: "Where the in-process fake API listens.") var apiHost: String = "127.0.0.1"
     @Option(help: "Port of the in-process fake API.") var apiPort: Int = 8090
     @Option(help: "Seconds to wait for the last replies.") var drainTimeout: Int = 30
+    @Option(help: "Seconds to serve the fake API before pushing (lets tokend fetch its first token).") var warmup: Int = 0
     @Option(help: "Also write the report as JSON to this file (to compare runs).") var json: String?
 
     func run() async throws {
@@ -199,6 +200,7 @@ struct BenchCommand: AsyncParsableCommand {
                     return nil
                 }
                 tasks.addTask {
+                    if warmup > 0 { try await Task.sleep(for: .seconds(warmup)) }
                     let runner = BenchRunner(
                         settings: BenchSettings(rate: rate, duration: .seconds(duration), users: users, drainTimeout: .seconds(drainTimeout)),
                         pusher: pusher, platform: platform, client: client)
@@ -228,7 +230,7 @@ struct BenchCommand: AsyncParsableCommand {
         }
         return """
             pushed \(r.pushed), accepted \(r.accepted) in \(String(format: "%.1f", r.seconds)) s (\(String(format: "%.0f", r.throughput))/s); errors \(r.errors)
-            replies \(r.replies): lost \(r.lost), duplicated \(r.duplicated)
+            replies \(r.replies): lost \(r.lost), duplicated \(r.duplicated); refused by the fake API: \(r.refusedByAPI)
             ingress response:  \(l(r.ingressLatencyMs))
             push to reply:     \(l(r.pushToReplyMs))
             """
