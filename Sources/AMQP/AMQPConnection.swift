@@ -187,6 +187,12 @@ public final class AMQPConnection: Sendable {
         }
     }
 
+    func closeConsumer(id: Int) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            if !mailbox.submit({ core in core.closeConsumer(id: id, c) }) { c.resume() }
+        }
+    }
+
     func cancelConsumer(id: Int) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             if !mailbox.submit({ core in core.cancelConsumer(id: id, c) }) { c.resume() }

@@ -47,4 +47,9 @@ public struct AMQPConsumer: AsyncSequence, Sendable {
     /// Stops new deliveries (`basic.cancel`). Deliveries already received stay valid
     /// and can still be acknowledged: use this for graceful shutdown.
     public func cancel() async { await connection.cancelConsumer(id: id) }
+
+    /// Cancels and closes the consumer's channel: every delivery not yet acknowledged
+    /// goes back to the queue, in order (later acks of them are ignored). Use it to
+    /// hand a queue over to another consumer.
+    public func close() async { await connection.closeConsumer(id: id) }
 }

@@ -98,6 +98,8 @@ final class ConnectionCore {
 
     private var consumers: [Int: ConsumerRecord] = [:]
     private var consumersByChannel: [UInt16: ConsumerRecord] = [:]
+    /// Each consumer's channel in this connection, kept after a cancel so that `close` can close it.
+    private var channelOf: [Int: UInt16] = [:]
 
     private var reconnectDelay: Duration
     private var nextReconnect: ContinuousClock.Instant?
@@ -582,6 +584,7 @@ final class ConnectionCore {
         record.tag = ok?.pointee.consumer_tag.string ?? ""
         record.channel = ch
         consumersByChannel[ch] = record
+        channelOf[record.id] = ch
         arena.reset()
     }
 
@@ -600,6 +603,18 @@ final class ConnectionCore {
         record.continuation.finish()
     }
 
+    /// Cancels a consumer and closes its channel: the broker requeues every delivery
+    /// not yet acknowledged, in order, for the next consumer.
+    func closeConsumer(id: Int, _ done: CheckedContinuation<Void, Never>) {
+        cancelConsumer(id: id, nil)
+        if let ch = channelOf.removeValue(forKey: id), let conn, openChannels.contains(ch) {
+            openChannels.remove(ch)
+            consumersByChannel.removeValue(forKey: ch)
+            _ = amqp_channel_close(conn, ch, AMQP_REPLY_SUCCESS)
+        }
+        done.resume()
+    }
+
     private func deliver(channel: UInt16, method: amqp_basic_deliver_t) {
         guard let conn else { return }
         var message = amqp_message_t()
@@ -610,8 +625,8 @@ final class ConnectionCore {
         }
         defer { amqp_destroy_message(&message) }
         guard let record = consumersByChannel[channel], !record.cancelled else {
-            // A delivery racing a cancel: give it back at once.
-            _ = amqp_basic_reject(conn, channel, method.delivery_tag, 1)
+            // A delivery racing a cancel: give it back at once (on a closed channel the broker already has it back).
+            if openChannels.contains(channel) { _ = amqp_basic_reject(conn, channel, method.delivery_tag, 1) }
             return
         }
         let delivery = AMQPDelivery(
@@ -790,6 +805,7 @@ final class ConnectionCore {
         amqp_destroy_connection(state)
         openChannels = []
         consumersByChannel = [:]
+        channelOf = [:]
         for record in consumers.values { record.channel = 0 }
         failAllPending(error)
         lastConnectError = error

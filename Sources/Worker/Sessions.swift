@@ -42,8 +42,8 @@ public struct SessionSnapshot: Sendable, Equatable {
 /// session as observed with this message), `decision` (the reply decided) and
 /// `replied` (set once the reply was sent or no reply was due).
 public struct SessionStore: Sendable {
-    let redis: RedisPool
-    let appID: String
+    public let redis: RedisPool
+    public let appID: String
     public var sessionTTL: Int
     public var recordTTL: Int
 

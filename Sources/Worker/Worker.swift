@@ -91,10 +91,12 @@ public final class Worker: Sendable {
     let rules: ReplyRules
     let handlers: [any MessageHandler]
     let sender: Sender
-    let concurrency: Int
+    public let concurrency: Int
     let logger: Logger
     private let paused = Mutex<Date?>(nil)
     private let consuming = Atomic<Int>(0)
+    private let owned = Mutex<Set<Int>>([])
+    private let ownershipWaiters = Mutex<[(count: Int, continuation: CheckedContinuation<Void, Never>)]>([])
 
     public init(
         amqp: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
@@ -111,44 +113,64 @@ public final class Worker: Sendable {
         self.logger = logger
     }
 
-    /// Whether every shard has a live consumer (for `/readyz`).
-    public var isConsuming: Bool { amqp.isConnected && consuming.load(ordering: .relaxed) == retry.base.shardCount }
+    /// Whether the worker is taking part (for `/readyz`): connected and running its shard assignment.
+    public var isConsuming: Bool { amqp.isConnected && consuming.load(ordering: .relaxed) > 0 }
 
-    /// Consumes until cancelled or graceful shutdown; then stops consuming, finishes
-    /// the messages in hand (their acks go out before the connection closes) and returns.
+    /// The shards this worker consumes right now.
+    public var ownedShards: Set<Int> { owned.withLock { $0 } }
+
+    /// Returns once this worker consumes exactly `count` shards (after a rebalance).
+    public func waitUntilOwning(_ count: Int) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = owned.withLock { $0.count }
+            if now == count { c.resume() } else { ownershipWaiters.withLock { $0.append((count, c)) } }
+        }
+    }
+
+    private func setOwned(_ shards: Set<Int>) {
+        owned.withLock { $0 = shards }
+        let ready = ownershipWaiters.withLock { w -> [CheckedContinuation<Void, Never>] in
+            let hit = w.filter { $0.count == shards.count }.map(\.continuation)
+            w.removeAll { $0.count == shards.count }
+            return hit
+        }
+        for c in ready { c.resume() }
+    }
+
+    /// Consumes its share of the shards until cancelled or graceful shutdown, rebalancing
+    /// as workers come and go; then hands every shard back (finishing what is in hand) and returns.
     public func run() async throws {
         try await amqp.declare(retry.topology)
         let limiter = Limiter(permits: concurrency)
-        let chains = Chains()
-        let consumers = try await (0..<retry.base.shardCount).asyncMap { n in
-            try await amqp.consume(queue: retry.base.shardQueue(n), prefetch: UInt16(min(concurrency, Int(UInt16.max))))
-        }
-        consuming.store(consumers.count, ordering: .relaxed)
-        await withGracefulShutdownHandler {
-            await withTaskGroup(of: Void.self) { group in
-                for consumer in consumers {
-                    group.addTask {
-                        do {
-                            for try await delivery in consumer {
-                                await limiter.acquire()
-                                let user = delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? ""
-                                // One user's messages run one after another, in arrival order; users run in parallel.
-                                chains.append(user) {
-                                    await self.process(delivery)
-                                    limiter.release()
-                                }
-                            }
-                        } catch {
-                            self.logger.error("consumer ended", metadata: ["error": "\(error)"])
-                        }
+        let membership = Membership(redis: store.redis, appID: store.appID, topology: retry.base)
+        var runners: [Int: ShardRunner] = [:]
+        consuming.store(1, ordering: .relaxed)
+        defer { consuming.store(0, ordering: .relaxed) }
+        while !Task.isCancelled, !Task.isShuttingDownGracefully {
+            if let members = try? await membership.heartbeat() {
+                let wanted = Membership.shards(for: membership.id, members: members, count: retry.base.shardCount)
+                for (shard, runner) in runners where !wanted.contains(shard) {
+                    await runner.release()
+                    runners[shard] = nil
+                    logger.info("shard handed over", metadata: ["worker.shard": "\(shard)"])
+                }
+                for shard in wanted.sorted() where runners[shard] == nil {
+                    do {
+                        runners[shard] = try await ShardRunner(shard: shard, worker: self, limiter: limiter)
+                    } catch {
+                        logger.error("cannot consume shard", metadata: ["worker.shard": "\(shard)", "error": "\(error)"])
                     }
                 }
+                setOwned(Set(runners.keys))
+            } else {
+                logger.warning("Redis unreachable: keeping the current shards")
             }
-        } onGracefulShutdown: {
-            Task { for c in consumers { await c.cancel() } }
+            let wait = membership.interval
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: wait) }
         }
-        consuming.store(0, ordering: .relaxed)
-        await chains.waitForAll()
+        for runner in runners.values { await runner.release() }
+        setOwned([])
+        await membership.leave()
     }
 
     /// Handles one delivery to a final outcome, then acknowledges it.

@@ -359,3 +359,43 @@ struct FullStackTests {
         }
     }
 }
+
+@Suite("Worker scale-out", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+struct ScaleOutTests {
+    @Test func workersShareTheShardsAndAHandoverKeepsOrder() async throws {
+        let echo = try ReplyRules(yaml: "rules:\n  - match: { type: text }\n    reply: { text: \"{{message.Content}}\" }\n")
+        try await withStack(quota: 10_000) { s in
+            let a = try await s.worker(rules: echo)
+            let b = try await s.worker(rules: echo)
+            let users = ["oScaleA", "oScaleB"].map { base in
+                (0..<1000).map { "\(base)\($0)" }.first { s.topology.shard(openID: $0) == (base == "oScaleA" ? 0 : 1) } ?? base
+            }
+            // Slow sends (10 ms each, one user at a time) build a backlog, so the handover happens mid-stream.
+            var faults = FakePlatform.Faults()
+            faults.latencyMs = 10
+            s.platform.faults = faults
+            try await running([a]) {
+                await a.waitUntilOwning(2)  // alone: both shards
+                for i in 0..<100 { for u in users { try await s.push("text", "m\(i)", from: u) } }
+                try await running([b]) {
+                    // B joins: one shard each, handed over while A still has a backlog.
+                    await b.waitUntilOwning(1)
+                    await a.waitUntilOwning(1)
+                    for i in 100..<150 { for u in users { try await s.push("text", "m\(i)", from: u) } }
+                    for u in users { #expect(await s.replies(to: u, count: 150) == (0..<150).map { "m\($0)" }) }
+                }
+            }
+            // Both did work, and every message was answered exactly once, in order.
+            #expect(consumed(a) > 0 && consumed(b) > 0)
+            #expect(s.platform.messages().count == 300)
+            #expect(s.platform.messages().count == consumed(a) + consumed(b) - duplicates(a) - duplicates(b))
+        }
+    }
+}
+
+func consumed(_ w: Worker) -> Int { metric(w, "wechat_worker_consumed_total ") }
+func duplicates(_ w: Worker) -> Int { metric(w, #"wechat_worker_messages_total{outcome="duplicate"} "#) }
+func metric(_ w: Worker, _ prefix: String) -> Int {
+    let line = w.metrics.registry.emitToString().split(separator: "\n").first { $0.hasPrefix(prefix) }
+    return line.flatMap { Int(Double($0.dropFirst(prefix.count)) ?? -1) } ?? 0
+}
