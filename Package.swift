@@ -171,6 +171,7 @@ let package = Package(
             dependencies: [
                 "AMQP",
                 "Redis",
+                "RelayCore",
                 "WeChat",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -3,6 +3,8 @@ import ArgumentParser
 import Logging
 import Foundation
 import Synchronization
+import RelayCore
+import WeChat
 
 struct AMQPOptions: ParsableArguments {
     @Option(help: "Broker URL.") var url: String = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -91,4 +93,48 @@ struct AMQPPurge: AsyncParsableCommand {
         for q in queues { try await amqp.purge(queue: q) }
         await amqp.close()
     }
+}
+
+/// Publishes messages straight into the shard queues, as the ingress would, for `ops/bench worker`.
+struct WorkerPreload: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "worker-preload")
+    @Option(help: "Broker URL.") var url: String = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    @Option var count: Int = 100_000
+    @Option var users: Int = 1000
+
+    func run() async throws {
+        let topology = WeChatTopology()
+        let amqp = try await AMQPConnection.connect(
+            configuration: AMQPConfiguration(url: url), topology: topology.inbound, logger: Logger(label: "bench"))
+        let base = UInt64.random(in: 1...(1 << 40)) << 20
+        let next = Countdown(count)
+        let index = AtomicCounter()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<200 {
+                group.addTask {
+                    while next.take() {
+                        let i = index.next()
+                        let user = "oWork\(String(format: "%06d", i % users))"
+                        var x = XMLBuilder()
+                        x.cdata("ToUserName", "gh_bench"); x.cdata("FromUserName", user); x.raw("CreateTime", "1700000000")
+                        x.cdata("MsgType", "text"); x.cdata("Content", "帮助"); x.raw("MsgId", String(base + UInt64(i)))
+                        let headers: AMQPTable = [
+                            WeChatTopology.Header.openID: .string(user), WeChatTopology.Header.msgType: "text",
+                            WeChatTopology.Header.receivedAtMs: .int(Int64(Date().timeIntervalSince1970 * 1000)),
+                        ]
+                        try await amqp.publish(
+                            AMQPMessage(x.finish(), properties: AMQPProperties(contentType: "application/xml", headers: headers, messageID: "\(user):\(base + UInt64(i))")),
+                            exchange: topology.inboundExchange, routingKey: topology.routingKey(openID: user))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        await amqp.close()
+    }
+}
+
+final class AtomicCounter: Sendable {
+    private let value = Atomic<Int>(-1)
+    func next() -> Int { value.wrappingAdd(1, ordering: .relaxed).newValue }
 }

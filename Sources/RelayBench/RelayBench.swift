@@ -8,6 +8,6 @@ struct RelayBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "relay-bench",
         abstract: "Benchmarks for WeChatRelay's modules (driven by ops/bench).",
-        subcommands: [AMQPPublishBench.self, AMQPConsumeBench.self, ProtocolBench.self, RedisBench.self, SignPush.self, AMQPPurge.self]
+        subcommands: [AMQPPublishBench.self, AMQPConsumeBench.self, ProtocolBench.self, RedisBench.self, SignPush.self, AMQPPurge.self, WorkerPreload.self]
     )
 }

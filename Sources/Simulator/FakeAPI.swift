@@ -34,6 +34,9 @@ public struct FakeAPI: Sendable {
         router.get("/sim/messages") { request, _ in
             Self.json(platform.messages(touser: request.uri.queryParameters.get("touser")))
         }
+        router.get("/sim/count") { request, _ in
+            Self.json(["count": platform.count(touser: request.uri.queryParameters.get("touser"))])
+        }
         router.delete("/sim/messages") { _, _ in
             platform.clearMessages()
             return Self.json(["cleared": true])

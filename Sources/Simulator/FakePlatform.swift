@@ -336,6 +336,11 @@ public final class FakePlatform: Sendable {
         state.withLock { s in touser.map { u in s.recorded.filter { $0.touser == u } } ?? s.recorded }
     }
 
+    /// How many messages were recorded (for one user, or in all), without copying them.
+    public func count(touser: String? = nil) -> Int {
+        state.withLock { s in touser.map { u in s.recorded.lazy.filter { $0.touser == u }.count } ?? s.recorded.count }
+    }
+
     public func clearMessages() { state.withLock { $0.recorded.removeAll() } }
 
     public var menu: String? {

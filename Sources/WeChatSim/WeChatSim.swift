@@ -40,6 +40,7 @@ struct APICommand: AsyncParsableCommand {
     @Option(help: "Fraction of API calls answered errcode -1.") var errorRate: Double = 0
     @Option(help: "Milliseconds added to every API call.") var latencyMs: Int = 0
     @Option(help: "Fraction of API calls left without an answer (a dropped connection).") var dropRate: Double = 0
+    @Option(help: "Customer-service messages allowed per user after a message (WeChat: 5).") var messageQuota: Int = 5
 
     func run() async throws {
         try await exitOnConfigurationError("wechat-sim") {
@@ -48,6 +49,7 @@ struct APICommand: AsyncParsableCommand {
             var settings = FakePlatform.Settings(appID: try env.required("WECHAT_APPID"), secret: try env.required("WECHAT_SECRET", isSecret: true))
             settings.tokenLifetime = .seconds(tokenLifetime)
             settings.overlap = .seconds(overlap)
+            settings.messageQuota = messageQuota
             let platform = FakePlatform(settings: settings)
             var faults = FakePlatform.Faults()
             faults.errorRate = errorRate
