@@ -605,8 +605,15 @@ final class ConnectionCore {
 
     /// Cancels a consumer and closes its channel: the broker requeues every delivery
     /// not yet acknowledged, in order, for the next consumer.
+    ///
+    /// No `basic.cancel` first: the consumer must stay registered until the channel is
+    /// gone, or a single-active-consumer queue would activate the next consumer while
+    /// this one's unacknowledged deliveries are still out, and hand it later messages first.
     func closeConsumer(id: Int, _ done: CheckedContinuation<Void, Never>) {
-        cancelConsumer(id: id, nil)
+        if let record = consumers.removeValue(forKey: id) {
+            record.cancelled = true
+            record.continuation.finish()
+        }
         if let ch = channelOf.removeValue(forKey: id), let conn, openChannels.contains(ch) {
             openChannels.remove(ch)
             consumersByChannel.removeValue(forKey: ch)

@@ -52,6 +52,7 @@ public struct IngressConfiguration: Sendable {
         timestampWindow = Int64(try env.int("INGRESS_TIMESTAMP_WINDOW", default: 300))
         maxBody = try env.int("INGRESS_MAX_BODY", default: 65536, range: 64...(64 << 20))
         confirmTimeout = .seconds(try env.int("INGRESS_CONFIRM_TIMEOUT", default: 4, range: 1...60))
-        topology = WeChatTopology()
+        // Not in the contract: lets several deployments (or tests) share one broker and Redis.
+        topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
     }
 }

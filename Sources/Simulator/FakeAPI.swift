@@ -168,6 +168,7 @@ public struct FakeAPI: Sendable {
 
     /// Applies the injected faults around an API call.
     private func faulty(_ request: Request, _ body: () async throws -> Response) async -> Response {
+        platform.noteArrival()
         let f = platform.faults
         if f.latencyMs > 0 { try? await Task.sleep(for: .milliseconds(f.latencyMs)) }
         if f.dropRate > 0, Double.random(in: 0..<1) < f.dropRate {

@@ -105,6 +105,8 @@ public final class FakePlatform: Sendable {
         var menu: String?
         var waiters: [(touser: String?, count: Int, continuation: CheckedContinuation<[Recorded], Never>)] = []
         var sendCalls = 0
+        var arrivals = 0
+        var arrivalWaiters: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
         var refusals: [Int: Int] = [:]
         var tokenCalls = 0
         var stableTokenCalls = 0
@@ -324,6 +326,28 @@ public final class FakePlatform: Sendable {
                 } else {
                     s.waiters.append((touser, count, c))
                 }
+            }
+        }
+    }
+
+    /// Notes that an API call arrived (before any injected latency or drop).
+    public func noteArrival() {
+        state.withLock { s in
+            s.arrivals += 1
+            let n = s.arrivals
+            s.arrivalWaiters.removeAll { w in
+                guard n >= w.count else { return false }
+                w.continuation.resume()
+                return true
+            }
+        }
+    }
+
+    /// Returns once `count` API calls have arrived (for tests: "a send is in flight now").
+    public func waitForArrivals(_ count: Int) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            state.withLock { s in
+                if s.arrivals >= count { c.resume() } else { s.arrivalWaiters.append((count, c)) }
             }
         }
     }

@@ -2,6 +2,7 @@ import AMQP
 import Foundation
 import Redis
 import RelayCore
+import Synchronization
 
 /// Which shards each live worker consumes, agreed through Redis.
 ///
@@ -50,6 +51,7 @@ final class ShardRunner: Sendable {
     private let consumer: AMQPConsumer
     private let chains = Chains()
     private let loop: Task<Void, Never>
+    private let draining = Flag()
 
     init(shard: Int, worker: Worker, limiter: Limiter) async throws {
         self.shard = shard
@@ -57,14 +59,16 @@ final class ShardRunner: Sendable {
             queue: worker.retry.base.shardQueue(shard), prefetch: UInt16(min(worker.concurrency, Int(UInt16.max))))
         self.consumer = consumer
         let chains = self.chains
+        let draining = self.draining
         loop = Task {
             do {
                 for try await delivery in consumer {
+                    // Handing over: not processed, not acked; closing the channel returns it in order.
+                    if draining.isSet { continue }
                     await limiter.acquire()
-                    if Task.isCancelled {
-                        // Handing over: not processed, not acked; closing the channel returns it in order.
+                    if draining.isSet {
                         limiter.release()
-                        break
+                        continue
                     }
                     let user = delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? ""
                     // One user's messages run one after another, in arrival order; users run in parallel.
@@ -81,10 +85,20 @@ final class ShardRunner: Sendable {
 
     /// Stops taking deliveries, finishes (and acks) the ones in hand, then closes the
     /// channel so that the rest go back to the queue, in order, for the next consumer.
+    ///
+    /// The consumer stays registered until its channel closes, so that no other worker
+    /// becomes active on the shard while this one still has messages of it in hand.
     func release() async {
-        loop.cancel()
-        await loop.value
+        draining.set()
         await chains.waitForAll()
         await consumer.close()
+        await loop.value
     }
+}
+
+/// A one-way flag shared with a task.
+final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    var isSet: Bool { value.load(ordering: .acquiring) }
+    func set() { value.store(true, ordering: .releasing) }
 }

@@ -51,6 +51,7 @@ public struct WorkerConfiguration: Sendable {
         concurrency = try env.int("WORKER_CONCURRENCY", default: 64, range: 1...10_000)
         metricsPort = try env.port("METRICS_PORT", default: 9100)
         sessionTTL = try env.int("WORKER_SESSION_TTL", default: 30 * 86400, range: 60...(365 * 86400))
-        topology = WeChatTopology()
+        // Not in the contract: lets several deployments (or tests) share one broker and Redis.
+        topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
     }
 }

@@ -1,5 +1,6 @@
 import Synchronization
 import Foundation
+import Glibc
 
 /// Where the brokers started by `ops/test` (through `ops/services`) listen.
 ///
@@ -147,4 +148,33 @@ public final class Locked<Value: Sendable>: Sendable {
     public init(_ value: Value) { mutex = Mutex(value) }
     public func withLock<R: Sendable>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
     public var value: Value { mutex.withLock { $0 } }
+}
+
+/// A child process started by a test (not waited for), to be killed.
+public struct ChildProcess: Sendable {
+    public let pid: pid_t
+
+    /// Starts `executable` with `environment` added to ours; output goes to `logPath`.
+    public init(_ executable: String, arguments: [String] = [], environment: [String: String], logPath: String) throws {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        let env = ProcessInfo.processInfo.environment.merging(environment) { $1 }.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { for p in env + argv { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, &actions, nil, argv, env)
+        guard rc == 0 else { throw ServiceScriptError(message: "cannot start \(executable): errno \(rc)") }
+        self.pid = pid
+    }
+
+    /// SIGKILL, as a crash would, and reap it.
+    public func kill() {
+        _ = Glibc.kill(pid, SIGKILL)
+        var status: Int32 = 0
+        _ = waitpid(pid, &status, 0)
+    }
 }

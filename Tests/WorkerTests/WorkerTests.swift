@@ -109,7 +109,7 @@ func withStack(quota: Int = 5, _ body: @escaping @Sendable (Stack) async throws 
 
 func cleanUp(_ s: Stack) async {
     let retry = RetryTopology(base: s.topology)
-    for q in (0..<s.topology.shardCount).map(s.topology.shardQueue) + [s.topology.deadLetterQueue] + (0..<3).map(retry.queue) {
+    for q in (0..<8).map(s.topology.shardQueue) + [s.topology.deadLetterQueue] + (0..<3).map(retry.queue) {
         _ = try? await s.pusher.deleteQueue(q)
     }
     for x in [s.topology.inboundExchange, s.topology.deadLetterExchange] + (0..<3).map(retry.exchange) {
@@ -398,4 +398,37 @@ func duplicates(_ w: Worker) -> Int { metric(w, #"wechat_worker_messages_total{o
 func metric(_ w: Worker, _ prefix: String) -> Int {
     let line = w.metrics.registry.emitToString().split(separator: "\n").first { $0.hasPrefix(prefix) }
     return line.flatMap { Int(Double($0.dropFirst(prefix.count)) ?? -1) } ?? 0
+}
+
+@Suite("Worker crash", .enabled(if: (TestServices.amqpEnabled && TestServices.redisEnabled && TestServices.environment["WR_BIN_DIR"] != nil) || TestServices.isCI), .timeLimit(.minutes(2)))
+struct WorkerCrashTests {
+    @Test func aWorkerKilledMidFlightIsRedeliveredAndRepliedExactlyOnce() async throws {
+        let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
+        try await withStack { s in
+            // Every send hangs (a dropped connection at WeChat): the worker is caught mid-flight.
+            var faults = FakePlatform.Faults()
+            faults.dropRate = 1
+            s.platform.faults = faults
+            let log = FileManager.default.temporaryDirectory.appendingPathComponent("killed-worker-\(UUID().uuidString).log").path
+            let child = try ChildProcess(
+                "\(bin)/wechat-worker",
+                environment: [
+                    "WECHAT_APPID": s.appID, "AMQP_URL": try TestServices.amqpURL(), "REDIS_URL": try TestServices.redisURL(),
+                    "WECHAT_API_URL": s.apiURL, "TOKEND_URL": s.tokendURL, "TOKEND_SECRET": "bearer",
+                    "WECHAT_QUEUE_PREFIX": s.topology.prefix, "METRICS_PORT": String(Int.random(in: 30000...39999)),
+                    "LOG_LEVEL": "warning",
+                ], logPath: log)
+            try await s.push("text", "帮助", from: "oCrash")
+            await s.platform.waitForArrivals(1)  // the killed worker's send is in flight now
+            child.kill()
+            s.platform.faults = FakePlatform.Faults()
+            // Another worker takes the shards once the dead one's heartbeat expires, and gets the message again.
+            let b = try await s.worker()
+            try await running([b]) {
+                #expect(await s.replies(to: "oCrash", count: 1) == [help])
+            }
+            #expect(s.platform.messages(touser: "oCrash").count == 1)
+            #expect(consumed(b) >= 1)
+        }
+    }
 }
