@@ -1,6 +1,7 @@
 import CoreMetrics
 import Metrics
 import Prometheus
+import RelayCore
 
 /// The ingress's metrics, in a Prometheus registry of its own (so tests can
 /// build several apps in one process). Handles are made once, not per request.
@@ -31,19 +32,12 @@ public struct IngressMetrics: Sendable {
     }
 
     func count(_ outcome: Outcome) { requests[outcome]?.increment() }
-    func published(after d: Duration) { publishLatency.recordNanoseconds(d.nanoseconds) }
+    func published(after d: Duration) { publishLatency.recordNanoseconds(d.wholeNanoseconds) }
     func body(_ bytes: Int) { bodySizes.record(bytes) }
 
     /// Renders the Prometheus text format, with the confirms-in-flight gauge read now.
     func render(confirmsInFlight: Int) -> String {
         inFlight.record(confirmsInFlight)
         return registry.emitToString()
-    }
-}
-
-extension Duration {
-    var nanoseconds: Int64 {
-        let (s, attos) = components
-        return s * 1_000_000_000 + attos / 1_000_000_000
     }
 }

@@ -133,7 +133,7 @@ public actor CredentialKeeper {
             // Someone already replaced the rejected value: compare-and-refresh says no.
             return c.value != stale ? c : nil
         case .proactive, .missing:
-            return Double(c.expiresAt - Self.now()) > margin.seconds ? c : nil
+            return Double(c.expiresAt - Self.now()) > margin.secondsValue ? c : nil
         }
     }
 
@@ -172,8 +172,4 @@ public actor CredentialKeeper {
     }
 
     static func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

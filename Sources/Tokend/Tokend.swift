@@ -153,7 +153,7 @@ public struct TokendRefresher: Service {
                     let had = try await keeper.current()
                     let c = try await keeper.refresh(had == nil ? .missing : .proactive)
                     // Due again when the margin is reached; at least every 60 s, at most every second.
-                    let due = Double(c.expiresAt - CredentialKeeper.now()) - tokend.configuration.margin.seconds
+                    let due = Double(c.expiresAt - CredentialKeeper.now()) - tokend.configuration.margin.secondsValue
                     next = min(next, .seconds(max(1, min(60, due))))
                 }
                 backoff = .seconds(1)

@@ -228,7 +228,7 @@ public final class Worker: Sendable {
         }
         let start = ContinuousClock.now
         let outcome = await sender.send(reply)
-        metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).nanosecondsCount)
+        metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).wholeNanoseconds)
         switch outcome {
         case .sent:
             try await store.markReplied(message, sent: true)
@@ -362,12 +362,5 @@ extension Sequence {
         var out: [T] = []
         for e in self { out.append(try await transform(e)) }
         return out
-    }
-}
-
-extension Duration {
-    var nanosecondsCount: Int64 {
-        let (s, attos) = components
-        return s * 1_000_000_000 + attos / 1_000_000_000
     }
 }
