@@ -59,6 +59,8 @@ public struct ReplyRules: Sendable {
         public var regex: String?
         /// The session's dialog state must be this.
         public var state: String?
+        /// `regex`, compiled once when the rules are loaded (not per message).
+        var compiled: CompiledRegex? = nil
 
         enum CodingKeys: String, CodingKey { case type, event, eventKey = "event_key", text, prefix, regex, state }
 
@@ -120,8 +122,11 @@ public struct ReplyRules: Sendable {
             throw RulesError(message: "invalid rules file: \(error)")
         }
         for (i, r) in rules.enumerated() {
-            if let pattern = r.match.regex, (try? NSRegularExpression(pattern: pattern)) == nil {
-                throw RulesError(message: "rule \(i + 1): invalid regex '\(pattern)'")
+            if let pattern = r.match.regex {
+                guard let re = try? NSRegularExpression(pattern: pattern) else {
+                    throw RulesError(message: "rule \(i + 1): invalid regex '\(pattern)'")
+                }
+                rules[i].match.compiled = CompiledRegex(re)
             }
             if let reply = r.reply {
                 // Check that the reply is a valid customer-service message.
@@ -172,12 +177,22 @@ extension ReplyRules.Match {
         if let exact = self.text, exact != (text ?? "").trimmingCharacters(in: .whitespacesAndNewlines) { return false }
         if let p = prefix, !(text ?? "").hasPrefix(p) { return false }
         if let pattern = regex {
-            guard let re = try? NSRegularExpression(pattern: pattern), let t = text,
+            // Rules from YAML arrive compiled; one built in code with a regex is compiled here.
+            guard let re = compiled?.regex ?? (try? NSRegularExpression(pattern: pattern)), let t = text,
                 re.firstMatch(in: t, range: NSRange(t.startIndex..., in: t)) != nil
             else { return false }
         }
         return true
     }
+}
+
+/// A compiled regular expression shared by every task that evaluates the rules.
+///
+/// `@unchecked Sendable`: the expression is immutable after creation, and
+/// `NSRegularExpression` is documented as safe to use from several threads at once.
+final class CompiledRegex: @unchecked Sendable {
+    let regex: NSRegularExpression
+    init(_ regex: NSRegularExpression) { self.regex = regex }
 }
 
 public struct RulesError: Error, CustomStringConvertible, Sendable {

@@ -12,6 +12,9 @@ import WeChat
 public struct SessionSnapshot: Sendable, Equatable {
     public var values: [String: String]
 
+    /// A snapshot with these hash fields (handlers' tests build their own).
+    public init(values: [String: String]) { self.values = values }
+
     public var subscribed: Bool { values["subscribed"] != "0" }
     public var messages: Int { Int(values["messages"] ?? "0") ?? 0 }
     public var state: String? { values["state"].flatMap { $0.isEmpty ? nil : $0 } }

@@ -356,11 +356,3 @@ final class Chains: Sendable {
         while let next = tails.withLock({ $0.values.first?.task }) { await next.value }
     }
 }
-
-extension Sequence {
-    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
-        var out: [T] = []
-        for e in self { out.append(try await transform(e)) }
-        return out
-    }
-}
