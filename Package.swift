@@ -234,6 +234,14 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "OpsTests",
+            dependencies: [
+                "AMQP", "RelayCore", "Worker", "TestSupport",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
+        .testTarget(
             name: "WeChatTests",
             dependencies: [
                 "WeChat", "TestSupport",

@@ -209,8 +209,25 @@ public struct IngressHandler: Sendable {
             metadata: [
                 "http.method": "\(request.method)", "http.status": "\(r.status.code)", "reason": "\(r.reason)",
                 "wechat.openid": "\(request.uri.queryParameters.get("openid") ?? "-")",
+                "client.ip": "\(Self.clientIP(request))",
             ])
         return Self.text(r.status, r.status == .serviceUnavailable ? "service unavailable" : r.status.reasonPhrase)
+    }
+
+    /// The caller's address as the reverse proxy saw it (`X-Real-IP`, else the
+    /// first `X-Forwarded-For` hop; ops/nginx sets both), or `-` without a proxy.
+    static func clientIP(_ request: Request) -> String {
+        var forwardedFor: Substring?
+        for field in request.headers {
+            switch field.name.canonicalName {
+            case "x-real-ip" where !field.value.isEmpty: return field.value
+            case "x-forwarded-for" where forwardedFor == nil:
+                forwardedFor = field.value.split(separator: ",").first.map { $0.drop { $0 == " " } }
+            default: break
+            }
+        }
+        if let forwardedFor, !forwardedFor.isEmpty { return String(forwardedFor) }
+        return "-"
     }
 
     static func text(_ status: HTTPResponse.Status, _ body: String) -> Response {

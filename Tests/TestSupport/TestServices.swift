@@ -101,13 +101,14 @@ public struct ServiceScriptError: Error, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// Runs a program to completion and returns its standard output.
+/// Runs a program to completion and returns its standard output (and, with
+/// `includeStandardError`, its standard error in the same text).
 ///
 /// The blocking `waitpid` runs on a thread of its own, never on Swift's
 /// cooperative pool (Foundation's `Process.waitUntilExit` was seen to deadlock
 /// when two tests waited at once).
 @discardableResult
-public func runCommand(_ executable: String, _ arguments: [String]) async throws -> String {
+public func runCommand(_ executable: String, _ arguments: [String], includeStandardError: Bool = false) async throws -> String {
     let outPath = FileManager.default.temporaryDirectory
         .appendingPathComponent("wr-cmd-\(UInt64.random(in: 0 ... .max)).out").path
     defer { try? FileManager.default.removeItem(atPath: outPath) }
@@ -117,11 +118,27 @@ public func runCommand(_ executable: String, _ arguments: [String]) async throws
             posix_spawn_file_actions_init(&actions)
             defer { posix_spawn_file_actions_destroy(&actions) }
             posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            if includeStandardError { posix_spawn_file_actions_adddup2(&actions, 1, 2) }
             posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
             let argv = ([executable] + arguments).map { strdup($0) } + [nil]
             defer { for a in argv { free(a) } }
+            // The child starts as from a shell: no blocked signals, and SIGINT and
+            // SIGTERM with their default actions (the test runner's thread may block
+            // or ignore them, and a child inherits both).
+            var attributes = posix_spawnattr_t()
+            posix_spawnattr_init(&attributes)
+            defer { posix_spawnattr_destroy(&attributes) }
+            var none = sigset_t()
+            sigemptyset(&none)
+            posix_spawnattr_setsigmask(&attributes, &none)
+            var defaults = sigset_t()
+            sigemptyset(&defaults)
+            sigaddset(&defaults, SIGINT)
+            sigaddset(&defaults, SIGTERM)
+            posix_spawnattr_setsigdefault(&attributes, &defaults)
+            posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
             var pid: pid_t = 0
-            let rc = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+            let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
             guard rc == 0 else {
                 continuation.resume(throwing: ServiceScriptError(message: "cannot run \(executable): errno \(rc)"))
                 return

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import WeChat
 import Worker
@@ -65,6 +66,25 @@ struct RulesTests {
         #expect(text(try d.decide(message("text", "1"), session: s)) == "您已发送3条消息")
         #expect(text(try d.decide(message("text", "1"), session: SessionSnapshot(values: [:]))) == "暂不支持该指令")
         #expect(try d.decide(message("event", "VIEW", key: "https://x"), session: s).reply == nil)
+    }
+
+    /// ops/rules/default.yaml, the example shipped for operators, decides exactly like the built-in rules.
+    @Test func theShippedRulesFileEqualsTheDefaults() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+            .appendingPathComponent("../../ops/rules/default.yaml").standardized.path
+        let shipped = try ReplyRules(yaml: String(contentsOfFile: path, encoding: .utf8))
+        let cases: [(String, String?, String?)] = [
+            ("text", "帮助", nil), ("text", " 菜单 ", nil), ("text", "1", nil), ("text", "2", nil), ("text", "hello", nil),
+            ("image", nil, nil), ("location", nil, nil), ("event", "CLICK", "HELP"), ("event", "CLICK", "OTHER"),
+            ("event", "subscribe", nil), ("event", "unsubscribe", nil), ("event", "VIEW", "https://x"), ("event", "SCAN", "1"),
+        ]
+        let sessions = [SessionSnapshot(values: [:]), SessionSnapshot(values: ["messages": "5", "state": "menu"])]
+        for (type, value, key) in cases {
+            for session in sessions {
+                let m = try message(type, value, key: key)
+                #expect(try shipped.decide(m, session: session) == ReplyRules.defaults.decide(m, session: session), "\(type) \(value ?? "")")
+            }
+        }
     }
 
     @Test(arguments: [
