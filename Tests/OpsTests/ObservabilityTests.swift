@@ -10,18 +10,7 @@ import Yams
 struct ObservabilityTests {
     /// Metric names our executables register (`label: "…"` in their sources).
     func exportedMetrics() throws -> Set<String> {
-        let re = try NSRegularExpression(pattern: #"label: "([a-z_]+)""#)
-        var names: Set<String> = []
-        for module in ["Ingress", "Worker", "Tokend"] {
-            let dir = Repo.path("Sources/\(module)")
-            for file in try FileManager.default.contentsOfDirectory(atPath: dir) where file.hasSuffix(".swift") {
-                let text = try String(contentsOfFile: "\(dir)/\(file)", encoding: .utf8)
-                for m in re.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
-                    if let r = Range(m.range(at: 1), in: text) { names.insert(String(text[r])) }
-                }
-            }
-        }
-        return names
+        try Repo.captures(of: #"label: "([a-z_]+)""#, inModules: ["Ingress", "Worker", "Tokend"])
     }
 
     /// RabbitMQ's own (rabbitmq_prometheus with per-object metrics).

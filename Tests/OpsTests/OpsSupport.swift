@@ -80,18 +80,26 @@ enum CodeVariables {
     ]
 
     static func read(by executable: String) throws -> Set<String> {
-        let pattern = try NSRegularExpression(pattern: #""((?:WECHAT|AMQP|REDIS|HTTP|TOKEND|WORKER|METRICS|LOG|INGRESS)_[A-Z_]+)""#)
-        var names: Set<String> = []
-        for module in modules[executable] ?? [] {
-            let dir = Repo.path("Sources/\(module)")
+        try Repo.captures(
+            of: #""((?:WECHAT|AMQP|REDIS|HTTP|TOKEND|WORKER|METRICS|LOG|INGRESS)_[A-Z_]+)""#, inModules: modules[executable] ?? [])
+    }
+}
+
+extension Repo {
+    /// The first capture group of every match of `pattern` in the Swift sources of `modules`.
+    static func captures(of pattern: String, inModules modules: [String]) throws -> Set<String> {
+        let re = try NSRegularExpression(pattern: pattern)
+        var found: Set<String> = []
+        for module in modules {
+            let dir = path("Sources/\(module)")
             for file in try FileManager.default.contentsOfDirectory(atPath: dir) where file.hasSuffix(".swift") {
                 let text = try String(contentsOfFile: "\(dir)/\(file)", encoding: .utf8)
-                for m in pattern.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
-                    if let r = Range(m.range(at: 1), in: text) { names.insert(String(text[r])) }
+                for m in re.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
+                    if let r = Range(m.range(at: 1), in: text) { found.insert(String(text[r])) }
                 }
             }
         }
-        return names
+        return found
     }
 }
 
