@@ -135,6 +135,13 @@ func yamlDocuments(_ relative: String) throws -> [[String: Any]] {
     try Yams.load_all(yaml: Repo.read(relative)).compactMap { $0 as? [String: Any] }
 }
 
+/// RabbitMQ's own metrics that the alerts and the dashboard use (rabbitmq_prometheus
+/// with per-object metrics, ops/rabbitmq/rabbitmq.conf); a test scrapes a broker
+/// configured that way and finds each of them per queue.
+let rabbitMQQueueMetrics: Set<String> = [
+    "rabbitmq_queue_messages", "rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked", "rabbitmq_queue_consumers",
+]
+
 /// Metric names referenced in a PromQL expression.
 func metricNames(in expression: String) -> Set<String> {
     let re = try? NSRegularExpression(pattern: #"\b((?:wechat|tokend|amqp|rabbitmq)_[a-z_]+)\b"#)

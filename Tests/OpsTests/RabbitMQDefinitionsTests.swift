@@ -132,4 +132,52 @@ struct RabbitMQDefinitionsTests {
         #expect(info.name == topology.shardQueue(0))
         await amqp.close()
     }
+
+    /// The production broker set-up end to end: a RabbitMQ with ops/rabbitmq's
+    /// rabbitmq.conf and plugins starts; docker-compose's `rabbitmq-topology`
+    /// command (the same request as the Kubernetes Job) imports the definitions
+    /// through the management API; the code's declarations agree with them; and
+    /// the Prometheus endpoint serves, per queue, every RabbitMQ metric the
+    /// alerts and the dashboard use.
+    @Test(.enabled(if: toolAvailable("/usr/bin/docker-compose") && (TestServices.environment["WR_SERVICES"] != nil || TestServices.isCI)))
+    func theComposeImportWorksOnABrokerWithTheProductionConfiguration() async throws {
+        let composeText = try await runCommand(
+            "/usr/bin/docker-compose",
+            ["-f", Repo.path("docker-compose.yml"), "--project-directory", Repo.root.path, "--env-file", Repo.path(".env.example"), "config"])
+        let compose = try #require(try Yams.load(yaml: composeText) as? [String: Any])
+        let command = try #require(compose.map("services").map("rabbitmq-topology").list("command").first as? String)
+        #expect(command.contains("http://rabbitmq:15672/api/definitions"))
+        try await PrivateServices.with(opsRabbitMQ: true) { services in
+            let management = try #require(services.managementURL)
+            // `$$` is how the file escapes `$`; Compose passes a single `$` to the container.
+            let local = command
+                .replacingOccurrences(of: "$$", with: "$")
+                .replacingOccurrences(of: "http://rabbitmq:15672", with: management)
+                .replacingOccurrences(of: "/etc/wechatrelay/definitions.json", with: Repo.path("ops/rabbitmq/definitions.json"))
+            _ = try await runCommand("/usr/bin/env", ["RABBITMQ_USER=guest", "RABBITMQ_PASSWORD=guest", "/bin/sh", "-c", local], includeStandardError: true)
+
+            var logger = Logger(label: "ops-tests")
+            logger.logLevel = .warning
+            let amqp = try await AMQPConnection.connect(
+                configuration: try AMQPConfiguration(url: services.amqpURL, connectionName: "ops-tests"), topology: code, logger: logger)
+            let topology = WeChatTopology()
+            #expect(try await amqp.queueInfo(topology.shardQueue(0)).consumerCount == 0)
+            await amqp.close()
+
+            // Queue metrics appear once the broker has collected statistics for the new
+            // queues (every 5 s by default): no event announces it, so scrape until they
+            // are there, at most 30 s.
+            let wanted = rabbitMQQueueMetrics.flatMap { name in
+                [topology.shardQueue(0), topology.deadLetterQueue].map { "\(name){vhost=\"/\",queue=\"\($0)\"}" }
+            }
+            let prometheus = try #require(services.prometheusURL) + "/metrics"
+            var missing = wanted
+            for _ in 0..<60 where !missing.isEmpty {
+                let metrics = try await runCommand("/usr/bin/curl", ["-fsS", prometheus])
+                missing = wanted.filter { !metrics.contains($0) }
+                if !missing.isEmpty { try await Task.sleep(for: .milliseconds(500)) }
+            }
+            #expect(missing.isEmpty, "not exported: \(missing)")
+        }
+    }
 }

@@ -49,9 +49,14 @@ public final class PrivateServices: Sendable {
     public let directory: String
     public let amqpURL: String
     public let redisURL: String
+    /// With `opsRabbitMQ`: the management API and the Prometheus endpoint (no credentials; guest/guest).
+    public let managementURL: String?
+    public let prometheusURL: String?
     private let script: String
 
-    public init() async throws {
+    /// - Parameter opsRabbitMQ: run RabbitMQ with ops/rabbitmq's configuration
+    ///   and plugins (`ops/services start --ops-rabbitmq`).
+    public init(opsRabbitMQ: Bool = false) async throws {
         guard let script = TestServices.environment["WR_SERVICES"] else {
             throw MissingService(variable: "WR_SERVICES")
         }
@@ -62,6 +67,7 @@ public final class PrivateServices: Sendable {
         if let parent = TestServices.environment["WR_SERVICES_DIR"] {
             args.append("\(parent)/private-\(UInt32.random(in: 0 ... .max))")
         }
+        if opsRabbitMQ { args.append("--ops-rabbitmq") }
         let out = try await runCommand(script, args)
         var vars: [String: String] = [:]
         for line in out.split(separator: "\n") where line.hasPrefix("export ") {
@@ -74,6 +80,8 @@ public final class PrivateServices: Sendable {
         directory = dir
         amqpURL = amqp
         redisURL = redis
+        managementURL = vars["RABBITMQ_MANAGEMENT_URL"]
+        prometheusURL = vars["RABBITMQ_PROMETHEUS_URL"]
     }
 
     public func stopRabbitMQ() async throws { try await runCommand(script, ["rabbitmq-stop", directory]) }
@@ -83,8 +91,8 @@ public final class PrivateServices: Sendable {
     public func stopAll() async { _ = try? await runCommand(script, ["stop", directory]) }
 
     /// Starts private services, runs `body`, and stops them whether `body` throws or not.
-    public static func with<T>(_ body: (PrivateServices) async throws -> T) async throws -> T {
-        let services = try await PrivateServices()
+    public static func with<T>(opsRabbitMQ: Bool = false, _ body: (PrivateServices) async throws -> T) async throws -> T {
+        let services = try await PrivateServices(opsRabbitMQ: opsRabbitMQ)
         do {
             let result = try await body(services)
             await services.stopAll()
