@@ -33,9 +33,17 @@ public protocol MessageHandler: Sendable {
 public struct RetryTopology: Sendable {
     public let base: WeChatTopology
     /// Delays before the 1st, 2nd and 3rd retry; after that the message is dead-lettered.
-    public var delays: [Duration] = [.seconds(1), .seconds(5), .seconds(30)]
+    /// (While Redis is unreachable a message waits at the last delay, as often as needed.)
+    public var delays: [Duration]
 
-    public init(base: WeChatTopology) { self.base = base }
+    /// 1 s, 5 s, 30 s.
+    public static let defaultDelays: [Duration] = [.seconds(1), .seconds(5), .seconds(30)]
+
+    public init(base: WeChatTopology, delays: [Duration] = RetryTopology.defaultDelays) {
+        precondition(!delays.isEmpty)
+        self.base = base
+        self.delays = delays
+    }
 
     public func exchange(_ i: Int) -> String { "\(base.prefix).retry.\(i)" }
     public func queue(_ i: Int) -> String { "\(base.prefix).retry.\(i).q" }
@@ -44,7 +52,7 @@ public struct RetryTopology: Sendable {
         var t = base.inbound
         for (i, d) in delays.enumerated() {
             t.exchanges.append(.init(exchange(i), type: "fanout"))
-            t.queues.append(.init(queue(i), messageTTL: Int64(d.components.seconds * 1000), arguments: ["x-dead-letter-exchange": .string(base.inboundExchange)]))
+            t.queues.append(.init(queue(i), messageTTL: d.wholeNanoseconds / 1_000_000, arguments: ["x-dead-letter-exchange": .string(base.inboundExchange)]))
             t.bindings.append(.init(queue: queue(i), exchange: exchange(i)))
         }
         return t
@@ -100,14 +108,15 @@ public final class Worker: Sendable {
 
     public init(
         amqp: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
-        topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger
+        topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger,
+        retryDelays: [Duration] = RetryTopology.defaultDelays
     ) {
         self.amqp = amqp
         self.store = store
         self.sender = sender
         self.rules = rules
         self.handlers = handlers
-        self.retry = RetryTopology(base: topology)
+        self.retry = RetryTopology(base: topology, delays: retryDelays)
         self.concurrency = max(1, concurrency)
         self.metrics = metrics
         self.logger = logger
@@ -185,8 +194,14 @@ public final class Worker: Sendable {
         }
         do {
             try await handle(message, delivery)
+        } catch let error as RedisError where error.isRetriable {
+            // Redis is unreachable: not this message's fault, so it waits at the longest
+            // delay as often as the outage lasts, without using up its retries (an
+            // outage does not dead-letter messages).
+            logger.warning("Redis unreachable; retrying later", metadata: ["wechat.dedup_key": "\(message.dedupKey)", "error": "\(error)"])
+            await retryLater(delivery, reason: "Redis unreachable: \(error)", countsAsAttempt: false)
         } catch {
-            // Redis or broker trouble: try again later rather than lose the message.
+            // Broker trouble or a Redis error reply: try again later rather than lose the message.
             logger.error("processing failed", metadata: ["wechat.dedup_key": "\(message.dedupKey)", "error": "\(error)"])
             await retryLater(delivery, reason: "processing failed: \(error)")
         }
@@ -260,19 +275,22 @@ public final class Worker: Sendable {
     }
 
     /// Sends the message through the next delay queue, or dead-letters it after the last one.
-    func retryLater(_ d: AMQPDelivery, reason: String) async {
+    /// - Parameter countsAsAttempt: false for an outage of our own (Redis): the message
+    ///   goes through the longest delay and keeps the retries it has left.
+    func retryLater(_ d: AMQPDelivery, reason: String, countsAsAttempt: Bool = true) async {
         let attempt = Int(d.message.properties.headers[WorkerHeader.retryCount]?.intValue ?? 0)
-        guard attempt < retry.delays.count else {
+        if countsAsAttempt, attempt >= retry.delays.count {
             await deadLetter(d, reason: "gave up after \(attempt) retries: \(reason)")
             return
         }
+        let delayQueue = countsAsAttempt ? attempt : retry.delays.count - 1
         var copy = d.message
-        copy.properties.headers[WorkerHeader.retryCount] = .int(Int64(attempt + 1))
+        copy.properties.headers[WorkerHeader.retryCount] = .int(Int64(countsAsAttempt ? attempt + 1 : attempt))
         copy.properties.headers[WorkerHeader.reason] = .string(reason)
         do {
-            try await amqp.publish(copy, exchange: retry.exchange(attempt), routingKey: d.routingKey, confirmTimeout: .seconds(10))
+            try await amqp.publish(copy, exchange: retry.exchange(delayQueue), routingKey: d.routingKey, confirmTimeout: .seconds(10))
             metrics.retried.increment()
-            logger.info("retrying later", metadata: ["attempt": "\(attempt + 1)", "reason": "\(reason)"])
+            logger.info("retrying later", metadata: ["attempt": "\(countsAsAttempt ? attempt + 1 : attempt)", "reason": "\(reason)"])
             try d.ack()
         } catch {
             // Not confirmed: give it back to the queue instead of losing it.

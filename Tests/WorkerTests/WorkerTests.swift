@@ -32,14 +32,21 @@ struct Stack: Sendable {
     let redis: RedisPool
 
     /// A worker with its own broker connection (as a separate process would have).
-    func worker(rules: ReplyRules = .defaults, concurrency: Int = 16) async throws -> Worker {
+    /// - Parameters:
+    ///   - sessions: a Redis for the sessions and message records other than the stack's (a private one a test can stop).
+    ///   - retryDelays: the delay queues' delays (short ones for tests that go through them all).
+    func worker(
+        rules: ReplyRules = .defaults, concurrency: Int = 16, sessions: RedisPool? = nil,
+        retryDelays: [Duration] = RetryTopology.defaultDelays
+    ) async throws -> Worker {
         var config = try AMQPConfiguration(url: TestServices.amqpURL(), connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
         let amqp = try await AMQPConnection.connect(configuration: config, topology: topology.inbound, logger: workerLogger)
         let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
         return Worker(
-            amqp: amqp, store: SessionStore(redis: redis, appID: appID), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
-            rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger)
+            amqp: amqp, store: SessionStore(redis: sessions ?? redis, appID: appID), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
+            rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
+            retryDelays: retryDelays)
     }
 
     /// Publishes a push as the ingress would, after telling the fake platform (which opens the window).
@@ -311,6 +318,36 @@ struct WorkerTests {
 
 @Suite("Full stack", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
 struct FullStackTests {
+    /// Redis down for longer than the three retries of a failing send: the message
+    /// keeps waiting in the longest delay queue, is answered once Redis is back,
+    /// and nothing is dead-lettered.
+    @Test(.enabled(if: TestServices.environment["WR_SERVICES"] != nil || TestServices.isCI), .timeLimit(.minutes(2)))
+    func aRedisOutageLongerThanTheRetriesDeadLettersNothing() async throws {
+        try await withStack { s in
+            try await PrivateServices.with { outage in
+                let sessions = RedisPool(configuration: try RedisConfiguration(url: outage.redisURL), size: 4, logger: workerLogger)
+                let delays: [Duration] = [.milliseconds(100), .milliseconds(200), .milliseconds(300)]
+                let w = try await s.worker(sessions: sessions, retryDelays: delays)
+                try await running([w]) {
+                    try await outage.stopRedis()
+                    try await s.push("text", "帮助", from: "oOutage")
+                    // Twice as many rounds through the delay queues as a failing send may take.
+                    // No event says "retried again", so read the worker's counter (bounded: 30 s).
+                    for _ in 0..<600 where retried(w) < 2 * delays.count {
+                        try await Task.sleep(for: .milliseconds(50))
+                    }
+                    try #require(retried(w) >= 2 * delays.count, "the message stopped going round (dead-lettered?)")
+                    #expect(try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount == 0)
+                    try await outage.startRedis()
+                    #expect(await s.replies(to: "oOutage", count: 1) == ["您好!输入“菜单”查看功能列表"])
+                }
+                #expect(try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount == 0)
+                #expect(metric(w, #"wechat_worker_messages_total{outcome="dead_lettered"} "#) == 0)
+                sessions.close()
+            }
+        }
+    }
+
     @Test func theMenuDialogContinuesOnAnotherWorker() async throws {
         try await withStack { s in
             let a = try await s.worker()
@@ -394,6 +431,7 @@ struct ScaleOutTests {
 }
 
 func consumed(_ w: Worker) -> Int { metric(w, "wechat_worker_consumed_total ") }
+func retried(_ w: Worker) -> Int { metric(w, #"wechat_worker_messages_total{outcome="retried"} "#) }
 func duplicates(_ w: Worker) -> Int { metric(w, #"wechat_worker_messages_total{outcome="duplicate"} "#) }
 func metric(_ w: Worker, _ prefix: String) -> Int {
     let line = w.metrics.registry.emitToString().split(separator: "\n").first { $0.hasPrefix(prefix) }
