@@ -329,6 +329,8 @@ struct FullStackTests {
                 let delays: [Duration] = [.milliseconds(100), .milliseconds(200), .milliseconds(300)]
                 let w = try await s.worker(sessions: sessions, retryDelays: delays)
                 try await running([w]) {
+                    // The shards are taken through Redis: own them before it goes away.
+                    await w.waitUntilOwning(s.topology.shardCount)
                     try await outage.stopRedis()
                     try await s.push("text", "帮助", from: "oOutage")
                     // Twice as many rounds through the delay queues as a failing send may take.
