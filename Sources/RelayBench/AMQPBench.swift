@@ -116,8 +116,8 @@ struct WorkerPreload: AsyncParsableCommand {
                         let i = index.next()
                         let user = "oWork\(String(format: "%06d", i % users))"
                         var x = XMLBuilder()
-                        x.cdata("ToUserName", "gh_bench"); x.cdata("FromUserName", user); x.raw("CreateTime", "1700000000")
-                        x.cdata("MsgType", "text"); x.cdata("Content", "帮助"); x.raw("MsgId", String(base + UInt64(i)))
+                        x.header(to: "gh_bench", from: user, createTime: 1_700_000_000, msgType: "text")
+                        x.cdata("Content", "帮助"); x.raw("MsgId", String(base + UInt64(i)))
                         let headers: AMQPTable = [
                             WeChatTopology.Header.openID: .string(user), WeChatTopology.Header.msgType: "text",
                             WeChatTopology.Header.receivedAtMs: .int(Int64(Date().timeIntervalSince1970 * 1000)),

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Metrics
 import Prometheus
+import ServiceLifecycle
 
 /// Process-wide set-up shared by the executables.
 public enum RelayBootstrap {
@@ -20,6 +21,22 @@ public enum RelayBootstrap {
             return h
         }
         return level
+    }
+
+    /// The executable's logger, every line tagged with the account's AppID.
+    public static func logger(_ label: String, appID: String) -> Logger {
+        var logger = Logger(label: label)
+        logger[metadataKey: "wechat.appid"] = "\(appID)"
+        return logger
+    }
+
+    /// Runs `services` (started in order) until SIGTERM or SIGINT, then shuts them
+    /// down gracefully in reverse order: the contract's shutdown for every executable.
+    public static func runUntilSignalled(_ services: [any Service], logger: Logger) async throws {
+        let group = ServiceGroup(
+            configuration: .init(
+                services: services.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
     }
 
     /// Routes swift-metrics to a Prometheus registry, which `/metrics` renders.

@@ -102,10 +102,7 @@ public enum PushBuilder {
         msgID: UInt64 = UInt64.random(in: 1_000_000_000...UInt64(Int64.max)), createTime: Int64 = Int64(Date().timeIntervalSince1970)
     ) throws -> String {
         var x = XMLBuilder()
-        x.cdata("ToUserName", accountID)
-        x.cdata("FromUserName", openID)
-        x.raw("CreateTime", String(createTime))
-        x.cdata("MsgType", kind)
+        x.header(to: accountID, from: openID, createTime: createTime, msgType: kind)
         switch kind {
         case "text": x.cdata("Content", value ?? "")
         case "image": x.cdata("PicUrl", "http://mmbiz.qpic.cn/sim.jpg"); x.cdata("MediaId", "media_\(msgID)")

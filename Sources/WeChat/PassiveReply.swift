@@ -21,19 +21,8 @@ public struct PassiveReply: Sendable, Equatable {
         case transferCustomerService(kfAccount: String?)
     }
 
-    public struct Article: Sendable, Equatable {
-        public var title: String
-        public var description: String
-        public var picURL: String
-        public var url: String
-
-        public init(title: String, description: String, picURL: String, url: String) {
-            self.title = title
-            self.description = description
-            self.picURL = picURL
-            self.url = url
-        }
-    }
+    /// A news item: the same fields as the customer-service API's (`picurl` is `PicUrl` in the XML).
+    public typealias Article = CustomerServiceMessage.NewsArticle
 
     /// - Parameters:
     ///   - toUserName: the user's OpenID (the push's `FromUserName`).
@@ -67,10 +56,7 @@ public struct PassiveReply: Sendable, Equatable {
     /// The reply as XML, every text value in CDATA.
     public var xml: String {
         var x = XMLBuilder()
-        x.cdata("ToUserName", toUserName)
-        x.cdata("FromUserName", fromUserName)
-        x.raw("CreateTime", String(createTime))
-        x.cdata("MsgType", msgType)
+        x.header(to: toUserName, from: fromUserName, createTime: createTime, msgType: msgType)
         switch content {
         case .text(let text):
             x.cdata("Content", text)
@@ -99,7 +85,7 @@ public struct PassiveReply: Sendable, Equatable {
                     a.element("item") {
                         $0.cdata("Title", article.title)
                         $0.cdata("Description", article.description)
-                        $0.cdata("PicUrl", article.picURL)
+                        $0.cdata("PicUrl", article.picurl)
                         $0.cdata("Url", article.url)
                     }
                 }

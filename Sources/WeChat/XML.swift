@@ -292,6 +292,15 @@ public struct XMLBuilder: Sendable {
 
     private let root: String
 
+    /// Appends the four fields every push and passive reply starts with:
+    /// `ToUserName`, `FromUserName`, `CreateTime`, `MsgType`.
+    public mutating func header(to: String, from: String, createTime: Int64, msgType: String) {
+        cdata("ToUserName", to)
+        cdata("FromUserName", from)
+        raw("CreateTime", String(createTime))
+        cdata("MsgType", msgType)
+    }
+
     /// Appends `<name><![CDATA[value]]></name>`; a `]]>` inside the value is split across two sections.
     public mutating func cdata(_ name: String, _ value: String) {
         out += "<\(name)><![CDATA[\(Self.escapeCDATA(value))]]></\(name)>"

@@ -25,8 +25,7 @@ struct WeChatIngressCommand: AsyncParsableCommand {
             let env = try await RelayEnvironment.load()
             try RelayBootstrap.logging(env)
             let configuration = try IngressConfiguration(env)
-            var logger = Logger(label: "wechat-ingress")
-            logger[metadataKey: "wechat.appid"] = "\(configuration.appID)"
+            let logger = RelayBootstrap.logger("wechat-ingress", appID: configuration.appID)
             let metrics = IngressMetrics(registry: RelayBootstrap.metrics())
             // Connects in the background: until RabbitMQ is reachable, /readyz fails and pushes get 503.
             let amqp = try AMQPConnection(
@@ -41,11 +40,7 @@ struct WeChatIngressCommand: AsyncParsableCommand {
                     "wechat.safe_mode": "\(configuration.crypto != nil)",
                 ])
             // The HTTP server is last: it stops first, then the AMQP connection drains its confirms.
-            let group = ServiceGroup(
-                configuration: .init(
-                    services: [.init(service: amqp), .init(service: app)],
-                    gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-            try await group.run()
+            try await RelayBootstrap.runUntilSignalled([amqp, app], logger: logger)
         }
     }
 }

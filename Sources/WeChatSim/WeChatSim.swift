@@ -7,7 +7,6 @@ import RelayCore
 import ServiceLifecycle
 import Simulator
 import WeChat
-import Foundation
 
 /// `wechat-sim`: a local stand-in for the WeChat platform.
 @main
@@ -63,9 +62,7 @@ struct APICommand: AsyncParsableCommand {
                 router: FakeAPI(platform: platform, logger: logger).router(),
                 configuration: .init(address: .hostname(host, port: port)), logger: logger)
             logger.info("fake WeChat API listening", metadata: ["http.address": "\(host):\(port)"])
-            let group = ServiceGroup(
-                configuration: .init(services: [.init(service: app)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-            try await group.run()
+            try await RelayBootstrap.runUntilSignalled([app], logger: logger)
         }
     }
 }

@@ -25,8 +25,7 @@ struct WeChatTokendCommand: AsyncParsableCommand {
             let env = try await RelayEnvironment.load()
             try RelayBootstrap.logging(env)
             let configuration = try TokendConfiguration(env)
-            var logger = Logger(label: "wechat-tokend")
-            logger[metadataKey: "wechat.appid"] = "\(configuration.appID)"
+            let logger = RelayBootstrap.logger("wechat-tokend", appID: configuration.appID)
             let redis = RedisPool(configuration: configuration.redis, size: 8, logger: logger)
             let tokend = Tokend(configuration: configuration, redis: redis, logger: logger, registry: RelayBootstrap.metrics())
             let app = Application(
@@ -38,11 +37,7 @@ struct WeChatTokendCommand: AsyncParsableCommand {
                     "http.address": "\(configuration.host):\(configuration.port)", "redis.url": "\(configuration.redis.redactedURL)",
                     "wechat.api": "\(configuration.apiURL)", "tokend.mode": "\(configuration.endpoint.rawValue)",
                 ])
-            let group = ServiceGroup(
-                configuration: .init(
-                    services: [.init(service: redis), .init(service: TokendRefresher(tokend: tokend)), .init(service: app)],
-                    gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-            try await group.run()
+            try await RelayBootstrap.runUntilSignalled([redis, TokendRefresher(tokend: tokend), app], logger: logger)
         }
     }
 }

@@ -35,8 +35,7 @@ struct Run: AsyncParsableCommand {
             let env = try await RelayEnvironment.load()
             try RelayBootstrap.logging(env)
             let configuration = try WorkerConfiguration(env)
-            var logger = Logger(label: "wechat-worker")
-            logger[metadataKey: "wechat.appid"] = "\(configuration.appID)"
+            let logger = RelayBootstrap.logger("wechat-worker", appID: configuration.appID)
             let metrics = WorkerMetrics(registry: RelayBootstrap.metrics())
             let amqp = try AMQPConnection(configuration: configuration.amqp, topology: configuration.topology.inbound, logger: logger)
             let redis = RedisPool(configuration: configuration.redis, size: max(4, min(64, configuration.concurrency)), logger: logger)
@@ -64,11 +63,7 @@ struct Run: AsyncParsableCommand {
                     "amqp.url": "\(configuration.amqp.redactedURL)", "redis.url": "\(configuration.redis.redactedURL)",
                     "wechat.api": "\(configuration.apiURL)", "worker.concurrency": "\(configuration.concurrency)",
                 ])
-            let group = ServiceGroup(
-                configuration: .init(
-                    services: [.init(service: amqp), .init(service: redis), .init(service: WorkerService(worker: worker)), .init(service: app)],
-                    gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-            try await group.run()
+            try await RelayBootstrap.runUntilSignalled([amqp, redis, WorkerService(worker: worker), app], logger: logger)
         }
     }
 }

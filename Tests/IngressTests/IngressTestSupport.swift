@@ -92,10 +92,7 @@ func query(
 func sampleMessages(openID: String) -> [(name: String, xml: String)] {
     func push(_ type: String, _ fields: [(String, String)], msgID: String? = nil) -> String {
         var x = XMLBuilder()
-        x.cdata("ToUserName", "gh_account")
-        x.cdata("FromUserName", openID)
-        x.raw("CreateTime", String(now))
-        x.cdata("MsgType", type)
+        x.header(to: "gh_account", from: openID, createTime: now, msgType: type)
         for (k, v) in fields { x.cdata(k, v) }
         if let msgID { x.raw("MsgId", msgID) }
         return x.finish()

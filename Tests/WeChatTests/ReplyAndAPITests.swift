@@ -13,7 +13,7 @@ struct ReplyTests {
         .voice(mediaID: "v"),
         .video(mediaID: "m", title: "t", description: "d"),
         .music(title: "t", description: "d", musicURL: "http://m", hqMusicURL: "http://hq", thumbMediaID: "th"),
-        .news([.init(title: "a", description: "b", picURL: "http://p", url: "http://u"), .init(title: "c", description: "", picURL: "", url: "")]),
+        .news([.init(title: "a", description: "b", url: "http://u", picurl: "http://p"), .init(title: "c", description: "", url: "", picurl: "")]),
         .transferCustomerService(kfAccount: nil),
         .transferCustomerService(kfAccount: "kf2001@gh"),
     ])

@@ -28,7 +28,7 @@ struct RulesTests {
 
     func message(_ type: String, _ value: String? = nil, key: String? = nil) throws -> InboundMessage {
         var x = XMLBuilder()
-        x.cdata("ToUserName", "gh"); x.cdata("FromUserName", "oR"); x.raw("CreateTime", "1"); x.cdata("MsgType", type)
+        x.header(to: "gh", from: "oR", createTime: 1, msgType: type)
         if type == "event" {
             x.cdata("Event", value ?? "")
             if let key { x.cdata("EventKey", key) }
