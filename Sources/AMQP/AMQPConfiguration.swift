@@ -33,19 +33,24 @@ public struct AMQPConfiguration: Sendable {
             if scheme == "amqps" {
                 throw AMQPError(.invalidURL, "amqps:// (TLS) is not supported yet; use amqp:// or a TLS-terminating proxy")
             }
-            throw AMQPError(.invalidURL, "unsupported AMQP URL scheme '\(scheme)'")
+            throw AMQPError(.invalidURL, "unsupported AMQP URL scheme (amqp:// expected)")
         }
         var rest = Substring(url[schemeEnd.upperBound...])
-        if let q = rest.firstIndex(of: "?") { rest = rest[..<q] }
+        // The user information ends at the last `@`: a password may contain `/`, `?` or `#`
+        // unescaped, and none of it may end up in the host, the path or an error message.
+        var info: Substring? = nil
+        if let at = rest.lastIndex(of: "@") {
+            info = rest[..<at]
+            rest = rest[rest.index(after: at)...]
+        }
+        if let q = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) { rest = rest[..<q] }
         var path: Substring? = nil
         if let slash = rest.firstIndex(of: "/") {
             path = rest[rest.index(after: slash)...]
             rest = rest[..<slash]
         }
         var user = "guest", password = "guest"
-        if let at = rest.lastIndex(of: "@") {
-            let info = rest[..<at]
-            rest = rest[rest.index(after: at)...]
+        if let info {
             if let colon = info.firstIndex(of: ":") {
                 user = try Self.decode(info[..<colon], what: "user")
                 password = try Self.decode(info[info.index(after: colon)...], what: "password")
@@ -64,7 +69,7 @@ public struct AMQPConfiguration: Sendable {
             let literal = String(host[host.index(after: host.startIndex)..<close])
             if after.hasPrefix(":") {
                 guard let p = Int(after.dropFirst()), (1...65535).contains(p) else {
-                    throw AMQPError(.invalidURL, "AMQP URL has an invalid port '\(after.dropFirst())'")
+                    throw AMQPError(.invalidURL, "AMQP URL has an invalid port (a number from 1 to 65535 expected)")
                 }
                 port = p
             } else if !after.isEmpty {
@@ -74,7 +79,7 @@ public struct AMQPConfiguration: Sendable {
         } else if let colon = host.lastIndex(of: ":") {
             let portText = host[host.index(after: colon)...]
             guard let p = Int(portText), (1...65535).contains(p) else {
-                throw AMQPError(.invalidURL, "AMQP URL has an invalid port '\(portText)'")
+                throw AMQPError(.invalidURL, "AMQP URL has an invalid port (a number from 1 to 65535 expected)")
             }
             port = p
             host = String(host[..<colon])

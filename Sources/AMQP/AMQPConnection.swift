@@ -86,8 +86,17 @@ public final class AMQPConnection: Sendable {
 
     /// Waits until the connection is up.
     /// - Throws: ``AMQPError/Code/closed`` if the connection is closed first.
+    ///
+    /// Cancelling the waiting task ends the wait with `CancellationError` (so a service
+    /// can shut down while the broker is unreachable).
     public func waitUntilConnected() async throws {
-        try await run { core, c in core.waitConnected(c) }
+        if mailbox.isConnected { return }
+        let id = ConsumerIDs.next()
+        try await withTaskCancellationHandler {
+            try await run { core, c in core.waitConnected(c, id: id) }
+        } onCancel: { [mailbox] in
+            _ = mailbox.submit { core in core.cancelConnectWaiter(id) }
+        }
     }
 
     /// Declares exchanges, queues and bindings now, and again after every reconnection.
@@ -108,6 +117,7 @@ public final class AMQPConnection: Sendable {
         _ message: AMQPMessage, exchange: String, routingKey: String, mandatory: Bool = true,
         confirmTimeout: Duration? = nil
     ) async throws {
+        try message.validate(exchange: exchange, routingKey: routingKey)
         guard mailbox.isConnected else {
             throw AMQPError(.notConnected, "not connected to \(configuration.redactedURL)")
         }

@@ -30,6 +30,9 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
         case protocolError
         /// The delivery belongs to a channel or connection that no longer exists.
         case staleDelivery
+        /// A message the protocol cannot carry (for example a short-string property over
+        /// 255 bytes); refused before anything was written, so the connection is untouched.
+        case invalidMessage
     }
 
     /// What went wrong.
@@ -50,7 +53,7 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
         switch code {
         case .connectionFailed, .notConnected, .connectionLost, .nacked, .confirmTimeout, .channelClosed:
             return true
-        case .invalidURL, .authenticationFailed, .unroutable, .closed, .protocolError, .staleDelivery:
+        case .invalidURL, .authenticationFailed, .unroutable, .closed, .protocolError, .staleDelivery, .invalidMessage:
             return false
         }
     }

@@ -106,3 +106,50 @@ public struct AMQPMessage: Sendable, Hashable {
     /// The body as UTF-8 text, or `nil` if it is not valid UTF-8.
     public var bodyString: String? { String(validating: body, as: UTF8.self) }
 }
+
+extension AMQPMessage {
+    /// The longest AMQP short string (exchange and queue names, routing keys, most
+    /// properties, field-table keys): its length is one octet.
+    public static let maxShortString = 255
+
+    /// Checks everything that goes on the wire as a short string, so that a message the
+    /// protocol cannot carry fails alone, before a frame is written (librabbitmq would
+    /// refuse it after the method frame and leave the connection unusable).
+    /// - Throws: ``AMQPError/Code/invalidMessage`` naming the field (never its value).
+    public func validate(exchange: String, routingKey: String) throws {
+        func short(_ value: String?, _ name: String) throws {
+            guard let value, value.utf8.count > Self.maxShortString else { return }
+            throw AMQPError(.invalidMessage, "\(name) is \(value.utf8.count) bytes; AMQP allows at most \(Self.maxShortString)")
+        }
+        try short(exchange, "exchange name")
+        try short(routingKey, "routing key")
+        let p = properties
+        try short(p.contentType, "content-type")
+        try short(p.contentEncoding, "content-encoding")
+        try short(p.correlationID, "correlation-id")
+        try short(p.replyTo, "reply-to")
+        try short(p.expiration, "expiration")
+        try short(p.messageID, "message-id")
+        try short(p.type, "type")
+        try short(p.userID, "user-id")
+        try short(p.appID, "app-id")
+        try Self.validate(p.headers, path: "header")
+    }
+
+    private static func validate(_ table: AMQPTable, path: String) throws {
+        for (key, value) in table {
+            guard key.utf8.count <= maxShortString else {
+                throw AMQPError(.invalidMessage, "a \(path) name is \(key.utf8.count) bytes; AMQP allows at most \(maxShortString)")
+            }
+            try validate(value, path: path)
+        }
+    }
+
+    private static func validate(_ value: AMQPFieldValue, path: String) throws {
+        switch value {
+        case .table(let t): try validate(t, path: "nested \(path)")
+        case .array(let a): for v in a { try validate(v, path: path) }
+        default: break
+        }
+    }
+}

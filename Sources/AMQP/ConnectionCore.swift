@@ -106,7 +106,9 @@ final class ConnectionCore {
     private var closing = false
     private(set) var finished = false
     private var closeWaiters: [CheckedContinuation<Void, Never>] = []
-    private var connectWaiters: [CheckedContinuation<Void, any Error>] = []
+    private var connectWaiters: [(id: Int?, continuation: CheckedContinuation<Void, any Error>)] = []
+    /// Waiters whose task was cancelled before their wait reached this thread.
+    private var cancelledWaiters = Set<Int>()
     private var lastConnectError: AMQPError?
 
     init(owner: AMQPConnection) {
@@ -151,15 +153,25 @@ final class ConnectionCore {
 
     /// Starts the first connection attempt now.
     func startConnecting(waiter: CheckedContinuation<Void, any Error>?) {
-        if let waiter { connectWaiters.append(waiter) }
+        if let waiter { connectWaiters.append((nil, waiter)) }
         nextReconnect = ContinuousClock.now
     }
 
     /// Adds a caller to be told when a connection is up (or fails for good).
-    func waitConnected(_ waiter: CheckedContinuation<Void, any Error>) {
+    func waitConnected(_ waiter: CheckedContinuation<Void, any Error>, id: Int? = nil) {
         if conn != nil { waiter.resume(); return }
         if closing || finished { waiter.resume(throwing: AMQPError(.closed, "the connection was closed")); return }
-        connectWaiters.append(waiter)
+        if let id, cancelledWaiters.remove(id) != nil { waiter.resume(throwing: CancellationError()); return }
+        connectWaiters.append((id, waiter))
+    }
+
+    /// The task waiting as `id` was cancelled: it stops waiting (with `CancellationError`).
+    func cancelConnectWaiter(_ id: Int) {
+        guard let i = connectWaiters.firstIndex(where: { $0.id == id }) else {
+            cancelledWaiters.insert(id)
+            return
+        }
+        connectWaiters.remove(at: i).continuation.resume(throwing: CancellationError())
     }
 
     private func attemptConnect() {
@@ -170,7 +182,7 @@ final class ConnectionCore {
             lastConnectError = nil
             let waiters = connectWaiters
             connectWaiters.removeAll()
-            for w in waiters { w.resume() }
+            for w in waiters { w.continuation.resume() }
         } catch {
             let err = error as? AMQPError ?? AMQPError(.connectionFailed, "\(error)")
             if lastConnectError?.message != err.message {  // once per distinct failure, not per attempt
@@ -183,7 +195,7 @@ final class ConnectionCore {
                 // `AMQPConnection.connect` asked for a clear error instead of retrying forever.
                 let waiters = connectWaiters
                 connectWaiters.removeAll()
-                for w in waiters { w.resume(throwing: err) }
+                for w in waiters { w.continuation.resume(throwing: err) }
                 closing = true
                 finishClose()
                 return
@@ -832,7 +844,7 @@ final class ConnectionCore {
         for id in Array(consumers.keys) { cancelConsumer(id: id, nil) }
         let waiters = connectWaiters
         connectWaiters.removeAll()
-        for w in waiters { w.resume(throwing: AMQPError(.closed, "the connection was closed")) }
+        for w in waiters { w.continuation.resume(throwing: AMQPError(.closed, "the connection was closed")) }
         // The loop finishes once every pending confirm has settled or timed out.
         let drain = ContinuousClock.now + configuration.connectTimeout
         for (tag, p) in pending {

@@ -27,6 +27,8 @@ public struct IngressHandler: Sendable {
     let logger: Logger
     /// Seconds since the Unix epoch; replaceable in tests.
     let now: @Sendable () -> Int64
+    /// At most 20 rejection log lines at once, refilled at 5 a second.
+    let rejectionLog = LogRateLimiter(burst: 20, perSecond: 5)
 
     public init(
         configuration: IngressConfiguration, amqp: AMQPConnection, metrics: IngressMetrics, logger: Logger,
@@ -65,7 +67,7 @@ public struct IngressHandler: Sendable {
             try checkSignature(q)
             let body = try await collectBody(request)
             let inbound = try decode(body, query: q)
-            try await publish(inbound, receivedAt: receivedAt)
+            try await publish(inbound, signedQuery: Self.signedQuery(q), receivedAt: receivedAt)
             metrics.count(.accepted)
             logger.debug(
                 "message accepted",
@@ -85,14 +87,16 @@ public struct IngressHandler: Sendable {
         guard let signature = q.get("signature"), let timestamp = q.get("timestamp"), let nonce = q.get("nonce") else {
             throw Rejection.forbidden("missing signature, timestamp or nonce")
         }
+        // The signature first (cheap, constant-time, and it makes every later value one WeChat signed),
+        // then the window, with overflow-free arithmetic on the timestamp.
+        guard configuration.tokens.contains(where: { WeChatSignature.verify(signature, parts: [$0, timestamp, nonce]) })
+        else {
+            throw Rejection.forbidden("signature does not match the Token (or the previous Token)")
+        }
         do {
             try WeChatSignature.checkTimestamp(timestamp, now: now(), window: configuration.timestampWindow)
         } catch let e as WeChatError {
             throw Rejection.forbidden(e.message)
-        }
-        guard configuration.tokens.contains(where: { WeChatSignature.verify(signature, parts: [$0, timestamp, nonce]) })
-        else {
-            throw Rejection.forbidden("signature does not match the Token (or the previous Token)")
         }
     }
 
@@ -126,6 +130,9 @@ public struct IngressHandler: Sendable {
         let limits = XMLLimits(maxBytes: configuration.maxBody)
         let root = try parse(bytes, limits: limits)
         guard q.get("encrypt_type") == "aes" else {
+            guard configuration.encryption != .safe else {
+                throw Rejection.forbidden("safe mode (WECHAT_ENCRYPTION): a push without msg_signature and Encrypt is refused")
+            }
             return Inbound(message: try message(root), xml: bytes, mode: "plaintext")
         }
         guard let crypto = configuration.crypto else {
@@ -174,8 +181,13 @@ public struct IngressHandler: Sendable {
         return m
     }
 
+    /// `timestamp:nonce:signature`, once the signature was checked.
+    static func signedQuery(_ q: Parameters) -> String {
+        "\(q.get("timestamp") ?? ""):\(q.get("nonce") ?? ""):\(q.get("signature") ?? "")"
+    }
+
     /// Publishes persistently and waits for the broker's confirm (at most INGRESS_CONFIRM_TIMEOUT).
-    private func publish(_ inbound: Inbound, receivedAt: Date) async throws {
+    private func publish(_ inbound: Inbound, signedQuery: String, receivedAt: Date) async throws {
         let m = inbound.message
         let ms = Int64(receivedAt.timeIntervalSince1970 * 1000)
         var headers: AMQPTable = [
@@ -183,10 +195,13 @@ public struct IngressHandler: Sendable {
             WeChatTopology.Header.openID: .string(m.fromUserName),
             WeChatTopology.Header.receivedAtMs: .int(ms),
             WeChatTopology.Header.mode: .string(inbound.mode),
+            WeChatTopology.Header.dedupKey: .string(m.dedupKey),
+            WeChatTopology.Header.signedQuery: .string(signedQuery),
         ]
         if let event = m.event { headers[WeChatTopology.Header.event] = .string(event) }
+        // message_id is a short string (≤ 255 bytes): the key's fixed-length digest goes there.
         let properties = AMQPProperties(
-            contentType: "application/xml", headers: headers, persistent: true, messageID: m.dedupKey,
+            contentType: "application/xml", headers: headers, persistent: true, messageID: m.dedupID,
             timestamp: UInt64(ms / 1000), appID: configuration.appID)
         let topology = configuration.topology
         let start = ContinuousClock.now
@@ -195,6 +210,8 @@ public struct IngressHandler: Sendable {
                 AMQPMessage(body: inbound.xml, properties: properties), exchange: topology.inboundExchange,
                 routingKey: topology.routingKey(openID: m.fromUserName), confirmTimeout: configuration.confirmTimeout)
             metrics.published(after: ContinuousClock.now - start)
+        } catch let e as AMQPError where e.code == .invalidMessage {
+            throw Rejection.badRequest("cannot be carried by AMQP: \(e.message)")
         } catch let e as AMQPError {
             throw Rejection(
                 status: .serviceUnavailable, outcome: .unavailable, reason: "not confirmed by RabbitMQ: \(e.message)")
@@ -203,14 +220,18 @@ public struct IngressHandler: Sendable {
 
     private func reject(_ r: Rejection, _ request: Request) -> Response {
         metrics.count(r.outcome)
-        let level: Logger.Level = r.status == .serviceUnavailable ? .error : .warning
-        logger.log(
-            level: level, "request rejected",
-            metadata: [
-                "http.method": "\(request.method)", "http.status": "\(r.status.code)", "reason": "\(r.reason)",
-                "wechat.openid": "\(request.uri.queryParameters.get("openid") ?? "-")",
-                "client.ip": "\(Self.clientIP(request))",
-            ])
+        // The counter above keeps the full count; the log is rate-limited, since anyone can
+        // send rejected requests, and every value from the request is escaped and shortened.
+        if let suppressed = rejectionLog.admit() {
+            let level: Logger.Level = r.status == .serviceUnavailable ? .error : .warning
+            var metadata: Logger.Metadata = [
+                "http.method": "\(request.method)", "http.status": "\(r.status.code)", "reason": "\(LogSafe.escape(r.reason))",
+                "wechat.openid": "\(LogSafe.escape(request.uri.queryParameters.get("openid") ?? "-"))",
+                "client.ip": "\(LogSafe.escape(Self.clientIP(request)))",
+            ]
+            if suppressed > 0 { metadata["log.suppressed"] = "\(suppressed)" }
+            logger.log(level: level, "request rejected", metadata: metadata)
+        }
         return Self.text(r.status, r.status == .serviceUnavailable ? "service unavailable" : r.status.reasonPhrase)
     }
 
@@ -255,10 +276,15 @@ public func buildIngressRouter(_ handler: IngressHandler) -> Router<BasicRequest
     return router
 }
 
-/// Builds the ingress application (an HTTP server `Service`).
-public func buildIngressApplication(_ handler: IngressHandler, logger: Logger) -> some ApplicationProtocol {
+/// Builds the ingress application (an HTTP server `Service`). Connections idle for
+/// `HTTP_IDLE_TIMEOUT` (including a request head that never completes) are closed.
+public func buildIngressApplication(
+    _ handler: IngressHandler, logger: Logger, onServerRunning: @escaping @Sendable (any Channel) async -> Void = { _ in }
+) -> some ApplicationProtocol {
     Application(
         router: buildIngressRouter(handler),
+        server: RelayHTTP.server(idleTimeout: handler.configuration.idleTimeout),
         configuration: .init(address: .hostname(handler.configuration.host, port: handler.configuration.port)),
+        onServerRunning: onServerRunning,
         logger: logger)
 }

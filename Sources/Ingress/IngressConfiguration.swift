@@ -19,6 +19,22 @@ public struct IngressConfiguration: Sendable {
     public var maxBody: Int
     public var confirmTimeout: Duration
     public var topology: WeChatTopology
+    /// The console's message mode (`WECHAT_ENCRYPTION`): in ``Encryption/safe`` a push without
+    /// a valid `msg_signature` and `Encrypt` is refused.
+    public var encryption: Encryption
+    /// How long a connection may stay idle (or send nothing of a request) before it is closed (`HTTP_IDLE_TIMEOUT`).
+    public var idleTimeout: Duration
+
+    /// The three message modes of WeChat's console (明文, 兼容, 安全).
+    public enum Encryption: String, Sendable, CaseIterable {
+        /// Plaintext pushes; encrypted ones are still decrypted when a key is configured.
+        case plaintext
+        /// WeChat sends both; either is accepted.
+        case compatible
+        /// Only encrypted pushes with a valid `msg_signature` are accepted: the URL signature
+        /// does not cover the body, so a plaintext push could be forged by anyone who saw a signed URL.
+        case safe
+    }
 
     /// - Throws: ``ConfigurationError`` naming the variable.
     public init(_ env: RelayEnvironment) throws {
@@ -54,5 +70,17 @@ public struct IngressConfiguration: Sendable {
         confirmTimeout = .seconds(try env.int("INGRESS_CONFIRM_TIMEOUT", default: 4, range: 1...60))
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
         topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
+        if let text = env.string("WECHAT_ENCRYPTION") {
+            guard let e = Encryption(rawValue: text.lowercased()) else {
+                throw ConfigurationError(variable: "WECHAT_ENCRYPTION", reason: "must be plaintext, compatible or safe")
+            }
+            if e != .plaintext, key == nil {
+                throw ConfigurationError(variable: "WECHAT_ENCRYPTION", reason: "\(e.rawValue) mode needs WECHAT_AES_KEY")
+            }
+            encryption = e
+        } else {
+            encryption = key == nil ? .plaintext : .compatible
+        }
+        idleTimeout = .seconds(try env.int("HTTP_IDLE_TIMEOUT", default: 30, range: 1...3600))
     }
 }

@@ -46,10 +46,11 @@ public enum RedisReply: Sendable, Hashable {
 
     public var isNull: Bool { self == .null }
 
-    /// Throws ``RedisError/Code/serverError`` for an error reply, otherwise returns the reply.
+    /// Throws for an error reply (``RedisError/reply(_:)``: ``RedisError/Code/unavailable`` when it
+    /// means "try later", else ``RedisError/Code/serverError``), otherwise returns the reply.
     @discardableResult
     public func orThrow() throws -> RedisReply {
-        if case .error(let message) = self { throw RedisError(.serverError, message) }
+        if case .error(let message) = self { throw RedisError.reply(message) }
         return self
     }
 }

@@ -65,5 +65,10 @@ public struct WeChatTopology: Sendable, Hashable {
         public static let receivedAtMs = "x-received-at-ms"
         /// `plaintext`, `compatible` or `safe`.
         public static let mode = "x-wechat-mode"
+        /// The full deduplication key (``InboundMessage/dedupKey``); `message_id` carries its digest.
+        public static let dedupKey = "x-wechat-dedup-key"
+        /// `timestamp:nonce:signature` of the signed query the push came with: a second, different
+        /// message under the same triple is a replay of a seen URL and is never processed.
+        public static let signedQuery = "x-wechat-signed-query"
     }
 }

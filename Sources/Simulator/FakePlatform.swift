@@ -207,7 +207,8 @@ public final class FakePlatform: Sendable {
     public func issueTicket() -> TicketResponse {
         let now = clock()
         return state.withLock { s in
-            if let t = s.ticket, now < t.expires {
+            // Like stable_token: the same ticket while valid, renewed in its last 5 minutes.
+            if let t = s.ticket, t.expires.timeIntervalSince(now) > 300 {
                 return TicketResponse(ticket: t.value, expiresIn: Int(t.expires.timeIntervalSince(now)))
             }
             let t = Token(value: Self.randomToken(), expires: now.addingTimeInterval(settings.tokenLifetime.seconds))
@@ -351,6 +352,9 @@ public final class FakePlatform: Sendable {
             }
         }
     }
+
+    /// API calls that arrived so far (for tests: wait for `arrivalCount + n`).
+    public var arrivalCount: Int { state.withLock { $0.arrivals } }
 
     /// How many times custom/send was called, answered or not.
     public var sendCalls: Int { state.withLock { $0.sendCalls } }

@@ -52,6 +52,20 @@ public actor CredentialKeeper {
     private var inflight: Task<StoredCredential, any Error>?
     /// The last upstream failure, for readiness; cleared by a success.
     public private(set) var lastError: UpstreamError?
+    /// Seconds since the Unix epoch (a virtual clock in tests).
+    let now: @Sendable () -> Int64
+    /// Set when a proactive refresh got the stored value back (`stable_token` renews only in
+    /// its last ``renewalWindow`` seconds): no proactive upstream call before this time.
+    private var quietUntil: Int64?
+    /// Callers waiting for a refresh someone else started.
+    private var joiners = 0
+
+    /// Whether a caller is waiting for a refresh another caller started (for tests).
+    package var hasWaiters: Bool { joiners > 0 }
+
+    /// WeChat's `stable_token` (and the ticket endpoint) hand out the same value until its
+    /// last five minutes; asking earlier is wasted.
+    public static let renewalWindow: Int64 = 300
 
     private static let compareAndSet = RedisScript(
         """
@@ -71,8 +85,10 @@ public actor CredentialKeeper {
     public init(
         kind: String, key: String, redis: RedisPool, margin: Duration, logger: Logger,
         fetch: @escaping @Sendable (RefreshReason, String?) async throws -> (value: String, expiresIn: Int),
-        onEvent: @escaping @Sendable (RefreshEvent) -> Void
+        onEvent: @escaping @Sendable (RefreshEvent) -> Void,
+        now: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970) }
     ) {
+        self.now = now
         self.kind = kind
         self.key = key
         self.redis = redis
@@ -93,12 +109,37 @@ public actor CredentialKeeper {
     /// - Parameters:
     ///   - stale: for a passive refresh, the value the API rejected; nothing is fetched
     ///     unless it is still the stored value.
+    /// Readers (``RefreshReason/missing``) get a valid stored credential without an upstream call.
+    /// A passive request that joins a refresh already in flight (or waits for another
+    /// replica's) compares again with `stale` afterwards, and refreshes if the rejected value
+    /// is still the current one.
     public func refresh(_ reason: RefreshReason, stale: String? = nil) async throws -> StoredCredential {
-        if let running = inflight { return try await running.value }
+        while let running = inflight {
+            joiners += 1
+            let result: StoredCredential
+            do {
+                result = try await running.value
+                joiners -= 1
+            } catch {
+                joiners -= 1
+                throw error
+            }
+            if reason != .passive || result.value != stale { return result }
+            // The value the caller saw rejected came back: refresh again, ourselves.
+            if inflight == running { break }
+        }
         let task = Task { try await self.refreshNow(reason, stale: stale) }
         inflight = task
         defer { if inflight == task { inflight = nil } }
         return try await task.value
+    }
+
+    /// When the proactive refresher should look again: `margin` before expiry, or later
+    /// while the upstream is known to hand out the same value (see ``quietUntil``).
+    public func nextCheck(for c: StoredCredential) -> Int64 {
+        let due = c.expiresAt - Int64(margin.secondsValue)
+        guard let quiet = quietUntil else { return due }
+        return max(due, quiet)
     }
 
     private func refreshNow(_ reason: RefreshReason, stale: String?) async throws -> StoredCredential {
@@ -107,12 +148,16 @@ public actor CredentialKeeper {
         let lockKey = key + ":refresh_lock"
         let acquired = try await redis.set(lockKey, to: owner, expiration: .milliseconds(30_000), condition: .ifAbsent)
         guard acquired else {
-            // Another replica is refreshing: wait for it to finish, then use what it stored.
+            // Another replica is refreshing: wait for it to finish, then use what it stored —
+            // unless this is a passive refresh and the rejected value is still the stored one.
             let deadline = ContinuousClock.now + .seconds(30)
             while try await redis.get(lockKey) != nil, ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(20))
             }
-            if let c = try await current(), c.isValid(at: Self.now()) { return c }
+            if let c = try await current(), c.isValid(at: now()), reason != .passive || c.value != stale { return c }
+            if try await redis.get(lockKey) == nil {
+                return try await refreshNow(reason, stale: stale)
+            }
             throw UpstreamError(errcode: -1, errmsg: "another tokend replica did not finish refreshing the \(kind)")
         }
         do {
@@ -127,13 +172,17 @@ public actor CredentialKeeper {
 
     /// The stored credential if no refresh is needed for this request.
     private func alreadyFresh(_ reason: RefreshReason, stale: String?) async throws -> StoredCredential? {
-        guard let c = try await current(), c.isValid(at: Self.now()) else { return nil }
+        let now = now()
+        guard let c = try await current(), c.isValid(at: now) else { return nil }
         switch reason {
         case .passive:
             // Someone already replaced the rejected value: compare-and-refresh says no.
             return c.value != stale ? c : nil
-        case .proactive, .missing:
-            return Double(c.expiresAt - Self.now()) > margin.secondsValue ? c : nil
+        case .missing:
+            // A reader: a valid stored value is the answer; only the refresher renews early.
+            return c
+        case .proactive:
+            return now < nextCheck(for: c) ? c : nil
         }
     }
 
@@ -149,7 +198,17 @@ public actor CredentialKeeper {
             lastError = e
             throw e
         }
-        let now = Self.now()
+        let now = now()
+        if reason == .proactive, let before, fetched.value == before.value {
+            // The same value came back (stable_token before its renewal point): that is a
+            // success; the next proactive call waits for the renewal point, not the margin.
+            let expiresAt = now + Int64(fetched.expiresIn)
+            // Past the renewal point already: the value is renewed when it expires at the latest.
+            quietUntil = expiresAt - Self.renewalWindow > now ? expiresAt - Self.renewalWindow : expiresAt
+            logger.debug("upstream returned the stored value; next check at its renewal point", metadata: ["tokend.kind": "\(kind)"])
+            return StoredCredential(value: before.value, expiresAt: min(before.expiresAt, expiresAt), fetchedAt: before.fetchedAt)
+        }
+        quietUntil = nil
         let record = StoredCredential(value: fetched.value, expiresAt: now + Int64(fetched.expiresIn), fetchedAt: now)
         let json = String(decoding: try JSONEncoder().encode(record), as: UTF8.self)
         // Keep it in Redis a little past its expiry so that readers see "expired", not "missing".
@@ -171,5 +230,5 @@ public actor CredentialKeeper {
         return record
     }
 
-    static func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+    static func wallClock() -> Int64 { Int64(Date().timeIntervalSince1970) }
 }

@@ -43,7 +43,8 @@ public struct TokendConfiguration: Sendable {
         }
         endpoint = e
         margin = .seconds(try env.int("TOKEND_REFRESH_MARGIN", default: 600, range: 1...7000))
-        keys = TokenKeys(appID: appID)
+        // Every Redis key under WECHAT_QUEUE_PREFIX, like the worker's, so deployments can share a Redis.
+        keys = TokenKeys(appID: appID, prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
     }
 }
 
@@ -119,7 +120,7 @@ public final class Tokend: Sendable {
             return "WeChat refuses our credentials: \(e) — check WECHAT_APPID, WECHAT_SECRET and the IP whitelist"
         }
         do {
-            guard let c = try await accessToken.current(), c.isValid(at: CredentialKeeper.now()) else {
+            guard let c = try await accessToken.current(), c.isValid(at: CredentialKeeper.wallClock()) else {
                 if let e = await accessToken.lastError { return "no valid access_token yet: \(e)" }
                 return "no valid access_token yet"
             }
@@ -132,7 +133,7 @@ public final class Tokend: Sendable {
     func recordUpstreamError(_ error: any Error) { if error is UpstreamError { upstreamErrors.increment() } }
 
     func renderMetrics() async -> String {
-        if let c = try? await accessToken.current() { tokenAge.record(CredentialKeeper.now() - c.fetchedAt) }
+        if let c = try? await accessToken.current() { tokenAge.record(CredentialKeeper.wallClock() - c.fetchedAt) }
         return registry.emitToString()
     }
 }
@@ -152,8 +153,9 @@ public struct TokendRefresher: Service {
                 for keeper in [tokend.accessToken, tokend.jsapiTicket] {
                     let had = try await keeper.current()
                     let c = try await keeper.refresh(had == nil ? .missing : .proactive)
-                    // Due again when the margin is reached; at least every 60 s, at most every second.
-                    let due = Double(c.expiresAt - CredentialKeeper.now()) - tokend.configuration.margin.secondsValue
+                    // Due again at the margin (or the renewal point, when the upstream handed
+                    // back the same value); at least every 60 s, at most every second.
+                    let due = Double(await keeper.nextCheck(for: c) - CredentialKeeper.wallClock())
                     next = min(next, .seconds(max(1, min(60, due))))
                 }
                 backoff = .seconds(1)

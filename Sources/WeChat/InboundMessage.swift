@@ -1,3 +1,5 @@
+import Crypto
+
 /// A message or event that WeChat pushed to the server (protocol page §4).
 ///
 /// Every top-level element is kept in ``fields`` (unknown ones too), and the
@@ -87,12 +89,47 @@ public struct InboundMessage: Sendable, Equatable {
     public var eventKey: String? { fields["EventKey"] }
     public var isEvent: Bool { msgType == "event" }
 
-    /// The key that identifies WeChat's retries of this push (protocol page §5):
-    /// `FromUserName + MsgId` for messages, `FromUserName + CreateTime + Event + EventKey` for events
-    /// (and for messages without a MsgId). Parts are joined with `:`.
+    /// The key that identifies WeChat's retries of this push (protocol page §5), so that a
+    /// retry matches itself and two different pushes never match:
+    /// - a message with a `MsgId`: `FromUserName:MsgId`;
+    /// - an event that carries its own id (`MsgID`/`MsgId`, as template and mass-send receipts do):
+    ///   `FromUserName:Event:id`;
+    /// - anything else (most events, messages without an id): `FromUserName:CreateTime:Event:` and
+    ///   the SHA-256 of every element of the push, so that several `subscribe_msg_*` pushes in one
+    ///   second, or two `PUBLISHJOBFINISH` receipts, stay apart while WeChat's retry of one
+    ///   (the same document again) still matches.
+    ///
+    /// Its length is bounded only by the push (a plaintext push is not signed), so queues and
+    /// Redis use ``dedupID``, its fixed-length digest.
     public var dedupKey: String {
         if !isEvent, let id = msgID, !id.isEmpty { return "\(fromUserName):\(id)" }
-        return "\(fromUserName):\(createTime):\(event ?? msgType):\(eventKey ?? "")"
+        if isEvent, let id = fields["MsgID"] ?? fields["MsgId"], !id.isEmpty {
+            return "\(fromUserName):\(event ?? ""):\(id)"
+        }
+        return "\(fromUserName):\(createTime):\(event ?? msgType):\(Self.digest(root))"
+    }
+
+    /// The SHA-256 of ``dedupKey`` in hex (64 characters): what goes into the AMQP
+    /// `message_id` (a short string of at most 255 bytes) and into Redis key names.
+    public var dedupID: String { WeChatSignature.hex(SHA256.hash(data: Array(dedupKey.utf8))) }
+
+    /// A digest of the whole document: every element's name, text and children, in order,
+    /// each part length-prefixed so that no two different documents serialise alike.
+    static func digest(_ root: XMLElement) -> String {
+        var hasher = SHA256()
+        func add(_ s: String) {
+            var n = UInt32(clamping: s.utf8.count).bigEndian
+            withUnsafeBytes(of: &n) { hasher.update(bufferPointer: $0) }
+            hasher.update(data: Array(s.utf8))
+        }
+        func walk(_ e: XMLElement) {
+            add(e.name)
+            add(e.text)
+            add(String(e.children.count))
+            for c in e.children { walk(c) }
+        }
+        walk(root)
+        return WeChatSignature.hex(hasher.finalize())
     }
 
     private static func kind(_ type: String, _ f: [String: String], _ root: XMLElement) -> Kind {

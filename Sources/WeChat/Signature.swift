@@ -48,8 +48,12 @@ public enum WeChatSignature {
         guard let t = Int64(timestamp) else {
             throw WeChatError(.timestampOutOfWindow, "timestamp is not a number")
         }
-        guard abs(now - t) <= window else {
-            throw WeChatError(.timestampOutOfWindow, "timestamp is \(now - t) s away from now (window ±\(window) s)")
+        // Overflow-free: `t` is untrusted and may be any Int64 (Int64.min traps in `abs(now - t)`).
+        let (difference, overflow) = now.subtractingReportingOverflow(t)
+        guard !overflow, difference.magnitude <= window.magnitude else {
+            throw WeChatError(
+                .timestampOutOfWindow,
+                overflow ? "timestamp is out of range" : "timestamp is \(difference) s away from now (window ±\(window) s)")
         }
     }
 

@@ -29,7 +29,7 @@ struct WeChatTokendCommand: AsyncParsableCommand {
             let redis = RedisPool(configuration: configuration.redis, size: 8, logger: logger)
             let tokend = Tokend(configuration: configuration, redis: redis, logger: logger, registry: RelayBootstrap.metrics())
             let app = Application(
-                router: buildTokendRouter(tokend),
+                router: buildTokendRouter(tokend), server: RelayHTTP.server(idleTimeout: .seconds(30)),
                 configuration: .init(address: .hostname(configuration.host, port: configuration.port)), logger: logger)
             logger.info(
                 "wechat-tokend starting",

@@ -40,10 +40,13 @@ struct Run: AsyncParsableCommand {
             let amqp = try AMQPConnection(configuration: configuration.amqp, topology: configuration.topology.inbound, logger: logger)
             let redis = RedisPool(configuration: configuration.redis, size: max(4, min(64, configuration.concurrency)), logger: logger)
             let tokens = TokenClient(
-                redis: redis, keys: TokenKeys(appID: configuration.appID), tokendURL: configuration.tokendURL,
+                redis: redis, keys: TokenKeys(appID: configuration.appID, prefix: configuration.topology.prefix), tokendURL: configuration.tokendURL,
                 tokendSecret: configuration.tokendSecret)
             let worker = Worker(
-                amqp: amqp, store: SessionStore(redis: redis, appID: configuration.appID, sessionTTL: configuration.sessionTTL),
+                amqp: amqp,
+                store: SessionStore(
+                    redis: redis, appID: configuration.appID, prefix: configuration.topology.prefix, sessionTTL: configuration.sessionTTL,
+                    finishedTTL: configuration.finishedTTL),
                 sender: Sender(apiURL: configuration.apiURL, http: .shared, tokens: tokens), rules: configuration.rules,
                 topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics, logger: logger)
             let router = Router()
@@ -56,7 +59,7 @@ struct Run: AsyncParsableCommand {
                     body: ResponseBody(byteBuffer: ByteBuffer(string: ok ? "ready" : "consuming=\(worker.isConsuming) redis=\(redisUp)")))
             }
             router.get("/metrics") { _, _ in metrics.registry.emitToString() }
-            let app = Application(router: router, configuration: .init(address: .hostname("0.0.0.0", port: configuration.metricsPort)), logger: logger)
+            let app = Application(router: router, server: RelayHTTP.server(idleTimeout: .seconds(30)), configuration: .init(address: .hostname("0.0.0.0", port: configuration.metricsPort)), logger: logger)
             logger.info(
                 "wechat-worker starting",
                 metadata: [
@@ -74,7 +77,8 @@ struct WorkerService: Service {
     func run() async throws {
         while !Task.isCancelled, !Task.isShuttingDownGracefully {
             do {
-                try await worker.amqp.waitUntilConnected()
+                // Cancelled by graceful shutdown, so SIGTERM while RabbitMQ is down still exits at once.
+                try await cancelWhenGracefulShutdown { try await worker.amqp.waitUntilConnected() }
                 try await worker.run()
             } catch {
                 try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(1)) }

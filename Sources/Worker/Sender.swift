@@ -7,8 +7,11 @@ import WeChat
 /// How a send ended, per the error table of the protocol page (§8).
 public enum SendOutcome: Sendable, Equatable {
     case sent
-    /// -1, 45011, timeouts, 5xx, no token: try again later (through a delay queue).
+    /// -1, 45011, timeouts, 5xx: try again later (through a delay queue).
     case retryLater(String)
+    /// No access_token to be had (tokend or its Redis down): an outage of ours; the message
+    /// waits it out without using up its retries.
+    case unavailable(String)
     /// 43004, 45015, 45047 and request errors: this message will never go out.
     case permanent(Int, String)
     /// 45009, 48001, 40164 and credential errors: stop sending and alert an operator.
@@ -40,7 +43,7 @@ public struct Sender: Sendable {
         do {
             token = try await tokens.accessToken()
         } catch {
-            return .retryLater("no access_token: \(error)")
+            return .unavailable("no access_token: \(error)")
         }
         let first = await post(body, token: token)
         guard case .refresh = first else { return first.outcome }
@@ -51,7 +54,7 @@ public struct Sender: Sendable {
             if case .refresh(let code, let msg) = second { return .retryLater("token rejected twice (\(code) \(msg))") }
             return second.outcome
         } catch {
-            return .retryLater("token refresh failed: \(error)")
+            return .unavailable("token refresh failed: \(error)")
         }
     }
 

@@ -4,8 +4,8 @@ import WeChat
 
 /// A user's session as it was when one message was observed.
 ///
-/// Stored per (appid, OpenID) in the hash `wechat:{appid}:session:{openid}`:
-/// `subscribed`, `first_seen`, `last_seen`, `messages` (user messages, not events),
+/// Stored per (appid, OpenID) in the hash ``WorkerKeys/session(_:)``:
+/// `subscribed` (and `sub_changed_at`, the CreateTime of the subscription change applied last), `first_seen`, `last_seen`, `messages` (user messages, not events),
 /// `last_inbound` and `window` (`message` or `event`: which customer-service
 /// window the last push opened), `cs_sent` (customer-service messages sent since),
 /// `state` (the dialog state) and any `f:<name>` fields handlers set.
@@ -37,28 +37,60 @@ public struct SessionSnapshot: Sendable, Equatable {
     }
 }
 
+/// The worker's Redis keys, all under one prefix (`WECHAT_QUEUE_PREFIX`, default `wechat`)
+/// so that deployments sharing a Redis never see each other's state.
+public struct WorkerKeys: Sendable, Hashable {
+    public let prefix: String
+    public let appID: String
+
+    public init(prefix: String = "wechat", appID: String) {
+        self.prefix = prefix
+        self.appID = appID
+    }
+
+    /// `{prefix}:{appid}:session:{openid}` (hash).
+    public func session(_ openID: String) -> String { "\(prefix):\(appID):session:\(openID)" }
+    /// `{prefix}:{appid}:msg:{dedupID}` (hash): the per-message record.
+    public func record(_ dedupID: String) -> String { "\(prefix):\(appID):msg:\(dedupID)" }
+    /// `{prefix}:{appid}:query:{sha256(timestamp:nonce:signature)}` (string): the message that used a signed query.
+    public func signedQuery(_ digest: String) -> String { "\(prefix):\(appID):query:\(digest)" }
+    /// `{prefix}:{appid}:workers` (sorted set): the live workers' heartbeats.
+    public var workers: String { "\(prefix):\(appID):workers" }
+}
+
 /// The per-message record and the session updates, done atomically in Redis so
 /// that concurrent workers never lose an increment and a redelivered message is
 /// neither counted twice nor answered twice.
 ///
-/// Per message, the hash `wechat:{appid}:msg:{dedupKey}` holds `snapshot` (the
-/// session as observed with this message), `decision` (the reply decided) and
-/// `replied` (set once the reply was sent or no reply was due).
+/// Per message, the hash ``WorkerKeys/record(_:)`` holds, while the message is in
+/// progress, `snapshot` (the session as observed with this message) and `decision`
+/// (the reply decided); once it is finished only `replied` is left, for
+/// ``finishedTTL`` seconds — long enough for WeChat's retries (about 15 s) and for a
+/// redelivery after a crash or a broker restart, and small (about 200 bytes).
 public struct SessionStore: Sendable {
     public let redis: RedisPool
     public let appID: String
+    public let keys: WorkerKeys
     public var sessionTTL: Int
+    /// Lifetime of an unfinished record (its snapshot and decision), seconds.
     public var recordTTL: Int
+    /// Lifetime of a finished record (and of a signed query's claim), seconds.
+    public var finishedTTL: Int
 
-    public init(redis: RedisPool, appID: String, sessionTTL: Int = 30 * 86400, recordTTL: Int = 86400) {
+    public init(
+        redis: RedisPool, appID: String, prefix: String = "wechat", sessionTTL: Int = 30 * 86400, recordTTL: Int = 86400,
+        finishedTTL: Int = 900
+    ) {
         self.redis = redis
         self.appID = appID
+        self.keys = WorkerKeys(prefix: prefix, appID: appID)
         self.sessionTTL = sessionTTL
         self.recordTTL = recordTTL
+        self.finishedTTL = finishedTTL
     }
 
-    func sessionKey(_ openID: String) -> String { "wechat:\(appID):session:\(openID)" }
-    func recordKey(_ dedupKey: String) -> String { "wechat:\(appID):msg:\(dedupKey)" }
+    func sessionKey(_ openID: String) -> String { keys.session(openID) }
+    func recordKey(_ m: InboundMessage) -> String { keys.record(m.dedupID) }
 
     /// The outcome of observing a message.
     public struct Observation: Sendable {
@@ -69,22 +101,39 @@ public struct SessionStore: Sendable {
         public var decision: ReplyRules.Decision?
         /// Whether an earlier attempt already finished (replied or decided not to).
         public var replied: Bool
+        /// The signed query it came with was already used by a different message: a replay
+        /// of a seen URL with another body. Never processed.
+        public var replayedQuery: Bool = false
     }
 
     private static let observeScript = RedisScript(
         """
-        local rec, s = KEYS[1], KEYS[2]
+        local rec, s, q = KEYS[1], KEYS[2], KEYS[3]
+        if ARGV[9] ~= '' then
+          local owner = redis.call('GET', q)
+          if owner and owner ~= ARGV[8] then return {2, '', '', ''} end
+          if not owner then redis.call('SET', q, ARGV[8], 'EX', ARGV[9]) end
+        end
+        local replied = redis.call('HGET', rec, 'replied')
+        if replied then return {0, '', '', replied} end
         local snap = redis.call('HGET', rec, 'snapshot')
         if snap then
-          return {0, snap, redis.call('HGET', rec, 'decision') or '', redis.call('HGET', rec, 'replied') or ''}
+          return {0, snap, redis.call('HGET', rec, 'decision') or '', ''}
         end
         local now = ARGV[1]
         if redis.call('HEXISTS', s, 'first_seen') == 0 then redis.call('HSET', s, 'first_seen', now, 'subscribed', '1') end
         redis.call('HSET', s, 'last_seen', now)
         if ARGV[2] == '1' then redis.call('HINCRBY', s, 'messages', 1) end
         if ARGV[3] ~= '' then redis.call('HSET', s, 'last_inbound', now, 'window', ARGV[3], 'cs_sent', '0') end
-        if ARGV[4] == 'unsubscribe' then redis.call('HSET', s, 'subscribed', '0') end
-        if ARGV[4] == 'subscribe' then redis.call('HSET', s, 'subscribed', '1') end
+        if ARGV[4] ~= '' then
+          -- A subscription change applies only if it is not older than the last one applied
+          -- (a delayed unsubscribe must not undo a later subscribe).
+          local changed = tonumber(redis.call('HGET', s, 'sub_changed_at') or '')
+          local at = tonumber(ARGV[7])
+          if changed == nil or at == nil or at >= changed then
+            redis.call('HSET', s, 'subscribed', ARGV[4] == 'subscribe' and '1' or '0', 'sub_changed_at', ARGV[7])
+          end
+        end
         redis.call('EXPIRE', s, ARGV[5])
         snap = cjson.encode(redis.call('HGETALL', s))
         redis.call('HSET', rec, 'snapshot', snap)
@@ -105,14 +154,17 @@ public struct SessionStore: Sendable {
 
     private static let markRepliedScript = RedisScript(
         """
-        if redis.call('HSETNX', KEYS[1], 'replied', '1') == 1 and ARGV[1] == '1' then
-          redis.call('HINCRBY', KEYS[2], 'cs_sent', 1)
+        if redis.call('HSETNX', KEYS[1], 'replied', '1') == 1 then
+          if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[2], 'cs_sent', 1) end
+          redis.call('HDEL', KEYS[1], 'snapshot', 'decision')
+          redis.call('EXPIRE', KEYS[1], ARGV[2])
         end
         return 1
         """)
 
     /// Records the message in the session (once per dedup key) and returns the snapshot to decide on.
-    public func observe(_ m: InboundMessage, now: Int64) async throws -> Observation {
+    /// - Parameter signedQuery: `timestamp:nonce:signature` of the push (the ingress's header), if known.
+    public func observe(_ m: InboundMessage, now: Int64, signedQuery: String? = nil) async throws -> Observation {
         let isMessage = m.msgType != "event"
         var window = ""
         if isMessage {
@@ -121,11 +173,18 @@ public struct SessionStore: Sendable {
             window = "event"
         }
         let subscription = m.event == "unsubscribe" ? "unsubscribe" : (m.event == "subscribe" ? "subscribe" : "")
+        let queryDigest = signedQuery.map { WeChatSignature.compute([$0]) } ?? ""
         let reply = try await redis.eval(
-            Self.observeScript, keys: [recordKey(m.dedupKey), sessionKey(m.fromUserName)],
-            arguments: [.init(now), isMessage ? "1" : "0", .init(window), .init(subscription), .init(sessionTTL), .init(recordTTL)])
+            Self.observeScript, keys: [recordKey(m), sessionKey(m.fromUserName), keys.signedQuery(queryDigest)],
+            arguments: [
+                .init(now), isMessage ? "1" : "0", .init(window), .init(subscription), .init(sessionTTL), .init(recordTTL),
+                .init(m.createTime), .init(m.dedupID), signedQuery == nil ? "" : .init(finishedTTL),
+            ])
         guard let parts = reply.array, parts.count == 4, let snapText = parts[1].text else {
             throw RedisError(.protocolError, "unexpected answer from the observe script")
+        }
+        if parts[0].int == 2 {
+            return Observation(isNew: false, snapshot: SessionSnapshot(values: [:]), decision: nil, replied: false, replayedQuery: true)
         }
         let flat = (try? JSONDecoder().decode([String].self, from: Data(snapText.utf8))) ?? []
         var values: [String: String] = [:]
@@ -144,7 +203,7 @@ public struct SessionStore: Sendable {
     public func commit(_ decision: ReplyRules.Decision, for m: InboundMessage) async throws -> ReplyRules.Decision {
         let json = String(decoding: try JSONEncoder().encode(decision), as: UTF8.self)
         let stored = try await redis.eval(
-            Self.commitScript, keys: [recordKey(m.dedupKey), sessionKey(m.fromUserName)],
+            Self.commitScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
             arguments: [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? "")])
         guard let text = stored.text, let d = try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8)) else {
             return decision
@@ -155,7 +214,7 @@ public struct SessionStore: Sendable {
     /// Marks the message finished; `sent` counts a customer-service message against the window's quota.
     public func markReplied(_ m: InboundMessage, sent: Bool) async throws {
         _ = try await redis.eval(
-            Self.markRepliedScript, keys: [recordKey(m.dedupKey), sessionKey(m.fromUserName)], arguments: [sent ? "1" : "0"])
+            Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName)], arguments: [sent ? "1" : "0", .init(finishedTTL)])
     }
 
     /// The current session (for tests and tools).

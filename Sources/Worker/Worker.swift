@@ -69,7 +69,7 @@ public enum WorkerHeader {
 /// The worker's metrics.
 public struct WorkerMetrics: Sendable {
     public let registry: PrometheusCollectorRegistry
-    let consumed, replied, duplicates, retried, deadLettered, skipped, noReply: CoreMetrics.Counter
+    let consumed, replied, duplicates, retried, deadLettered, skipped, noReply, replayedQuery, markRetries, heartbeatFailures: CoreMetrics.Counter
     let sendLatency, endToEnd: CoreMetrics.Timer
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
@@ -85,6 +85,9 @@ public struct WorkerMetrics: Sendable {
         deadLettered = counter("dead_lettered")
         skipped = counter("skipped_window")
         noReply = counter("no_reply")
+        replayedQuery = counter("replayed_query")
+        markRetries = CoreMetrics.Counter(label: "wechat_worker_mark_retries_total", factory: f)
+        heartbeatFailures = CoreMetrics.Counter(label: "wechat_worker_heartbeat_failures_total", factory: f)
         sendLatency = CoreMetrics.Timer(label: "wechat_worker_send_seconds", factory: f)
         endToEnd = CoreMetrics.Timer(label: "wechat_worker_end_to_end_seconds", factory: f)
     }
@@ -105,6 +108,11 @@ public final class Worker: Sendable {
     private let consuming = Atomic<Int>(0)
     private let owned = Mutex<Set<Int>>([])
     private let ownershipWaiters = Mutex<[(count: Int, continuation: CheckedContinuation<Void, Never>)]>([])
+    private let hasDeadRunner = Atomic<Bool>(false)
+    private let history = Mutex<[Int]>([])
+    private let timing = Mutex<(interval: Duration, ttl: Duration)>((.seconds(2), .seconds(10)))
+    /// Set once the worker is shutting down: in-process retries (the finished-mark) give up after a few more tries.
+    let stopping = Flag()
 
     public init(
         amqp: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
@@ -122,8 +130,11 @@ public final class Worker: Sendable {
         self.logger = logger
     }
 
-    /// Whether the worker is taking part (for `/readyz`): connected and running its shard assignment.
-    public var isConsuming: Bool { amqp.isConnected && consuming.load(ordering: .relaxed) > 0 }
+    /// Whether the worker is taking part (for `/readyz`): connected, running its shard
+    /// assignment, and a live consumer for every shard it owns.
+    public var isConsuming: Bool {
+        amqp.isConnected && consuming.load(ordering: .relaxed) > 0 && !hasDeadRunner.load(ordering: .relaxed)
+    }
 
     /// The shards this worker consumes right now.
     public var ownedShards: Set<Int> { owned.withLock { $0 } }
@@ -136,8 +147,15 @@ public final class Worker: Sendable {
         }
     }
 
+    /// How many shards this worker owned after each change (for tests).
+    package var ownershipHistory: [Int] { history.withLock { $0 } }
+
     private func setOwned(_ shards: Set<Int>) {
-        owned.withLock { $0 = shards }
+        let changed = owned.withLock { o -> Bool in
+            defer { o = shards }
+            return o != shards
+        }
+        if changed { history.withLock { $0.append(shards.count) } }
         let ready = ownershipWaiters.withLock { w -> [CheckedContinuation<Void, Never>] in
             let hit = w.filter { $0.count == shards.count }.map(\.continuation)
             w.removeAll { $0.count == shards.count }
@@ -146,20 +164,69 @@ public final class Worker: Sendable {
         for c in ready { c.resume() }
     }
 
+    /// The membership heartbeat's timing (tests shorten it).
+    public var membershipTiming: (interval: Duration, ttl: Duration) {
+        get { timing.withLock { $0 } }
+        set { timing.withLock { $0 = newValue } }
+    }
+
     /// Consumes its share of the shards until cancelled or graceful shutdown, rebalancing
-    /// as workers come and go; then hands every shard back (finishing what is in hand) and returns.
+    /// as workers come and go; then leaves the membership, hands every shard back
+    /// (finishing what is in hand, all shards at once) and returns.
+    ///
+    /// The heartbeat runs in a task of its own, so a slow handover (a send in flight
+    /// on a shard being released) never makes this worker look dead to the others.
     public func run() async throws {
         try await amqp.declare(retry.topology)
         let limiter = Limiter(permits: concurrency)
-        let membership = Membership(redis: store.redis, appID: store.appID, topology: retry.base)
+        var configured = Membership(redis: store.redis, key: store.keys.workers)
+        (configured.interval, configured.ttl) = membershipTiming
+        let membership = configured
+        let view = Shared<[String]?>(nil)
+        let interval = membership.interval
         var runners: [Int: ShardRunner] = [:]
         consuming.store(1, ordering: .relaxed)
         defer { consuming.store(0, ordering: .relaxed) }
-        while !Task.isCancelled, !Task.isShuttingDownGracefully {
-            if let members = try? await membership.heartbeat() {
+        stopping.clear()
+        await withTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { [logger, metrics] in
+                while !Task.isCancelled {
+                    do {
+                        let members = try await membership.heartbeat()
+                        view.set(members)
+                    } catch {
+                        metrics.heartbeatFailures.increment()
+                        logger.warning("membership heartbeat failed: keeping the current shards", metadata: ["error": "\(error)"])
+                    }
+                    try? await Task.sleep(for: membership.interval)
+                }
+            }
+            var first = true
+            var tick = 0
+            while !Task.isCancelled, !Task.isShuttingDownGracefully {
+                if !first { try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval / 4) } }
+                first = false
+                guard !Task.isShuttingDownGracefully, let members = view.get() else { continue }
                 let wanted = Membership.shards(for: membership.id, members: members, count: retry.base.shardCount)
-                for (shard, runner) in runners where !wanted.contains(shard) {
+                logger.trace("assignment tick", metadata: ["worker.members": "\(members.count)", "worker.wanted": "\(wanted.sorted())"])
+                // Replace consumers that ended (the broker cancelled them, or a re-subscribe failed).
+                // Every few ticks, also ask the broker: a shard queue of ours with no consumer at all
+                // (deleted and declared again without a cancel reaching us) gets a new one.
+                tick += 1
+                if tick % 4 == 0 {
+                    for (shard, runner) in runners where runner.isAlive {
+                        let info = try? await amqp.queueInfo(retry.base.shardQueue(shard))
+                        if info?.consumerCount ?? 0 == 0 { runner.markEnded() }
+                    }
+                }
+                for (shard, runner) in runners where !runner.isAlive {
+                    logger.warning("shard consumer ended; starting a new one", metadata: ["worker.shard": "\(shard)"])
                     await runner.release()
+                    runners[shard] = nil
+                }
+                let leaving = runners.filter { !wanted.contains($0.key) }
+                await Self.release(Array(leaving.values))
+                for shard in leaving.keys {
                     runners[shard] = nil
                     logger.info("shard handed over", metadata: ["worker.shard": "\(shard)"])
                 }
@@ -170,16 +237,25 @@ public final class Worker: Sendable {
                         logger.error("cannot consume shard", metadata: ["worker.shard": "\(shard)", "error": "\(error)"])
                     }
                 }
+                hasDeadRunner.store(
+                    wanted.contains { runners[$0]?.isAlive != true }, ordering: .relaxed)
                 setOwned(Set(runners.keys))
-            } else {
-                logger.warning("Redis unreachable: keeping the current shards")
             }
-            let wait = membership.interval
-            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: wait) }
+            // Shutting down: leave the membership first, so that the others take the shards
+            // as soon as this worker's channels close; then hand every shard back at once.
+            tasks.cancelAll()
+            await membership.leave()
+            stopping.set()
+            await Self.release(Array(runners.values))
+            runners.removeAll()
+            setOwned([])
         }
-        for runner in runners.values { await runner.release() }
-        setOwned([])
-        await membership.leave()
+    }
+
+    private static func release(_ runners: [ShardRunner]) async {
+        await withTaskGroup(of: Void.self) { group in
+            for r in runners { group.addTask { await r.release() } }
+        }
     }
 
     /// Handles one delivery to a final outcome, then acknowledges it.
@@ -195,24 +271,33 @@ public final class Worker: Sendable {
         do {
             try await handle(message, delivery)
         } catch let error as RedisError where error.isRetriable {
-            // Redis is unreachable: not this message's fault, so it waits at the longest
-            // delay as often as the outage lasts, without using up its retries (an
-            // outage does not dead-letter messages).
-            logger.warning("Redis unreachable; retrying later", metadata: ["wechat.dedup_key": "\(message.dedupKey)", "error": "\(error)"])
+            // Redis is unreachable, or answered "try later" (LOADING, READONLY, BUSY, …): not
+            // this message's fault, so it waits at the longest delay as often as the outage
+            // lasts, without using up its retries (an outage does not dead-letter messages).
+            logger.warning("Redis unavailable; retrying later", metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])
             await retryLater(delivery, reason: "Redis unreachable: \(error)", countsAsAttempt: false)
         } catch {
             // Broker trouble or a Redis error reply: try again later rather than lose the message.
-            logger.error("processing failed", metadata: ["wechat.dedup_key": "\(message.dedupKey)", "error": "\(error)"])
+            logger.error("processing failed", metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])
             await retryLater(delivery, reason: "processing failed: \(error)")
         }
     }
 
     private func handle(_ message: InboundMessage, _ delivery: AMQPDelivery) async throws {
         let now = Int64(Date().timeIntervalSince1970)
-        let observation = try await store.observe(message, now: now)
+        let signedQuery = delivery.message.properties.headers[WeChatTopology.Header.signedQuery]?.stringValue
+        let observation = try await store.observe(message, now: now, signedQuery: signedQuery)
+        if observation.replayedQuery {
+            metrics.replayedQuery.increment()
+            logger.warning(
+                "message refused: its signed query was already used by another message (a replayed URL)",
+                metadata: ["wechat.openid": "\(LogSafe.escape(message.fromUserName))", "wechat.dedup_key": "\(message.dedupID)"])
+            try delivery.ack()
+            return
+        }
         if observation.replied {
             metrics.duplicates.increment()
-            logger.debug("duplicate dropped", metadata: ["wechat.dedup_key": "\(message.dedupKey)"])
+            logger.debug("duplicate dropped", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
             try delivery.ack()
             return
         }
@@ -246,7 +331,9 @@ public final class Worker: Sendable {
         metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).wholeNanoseconds)
         switch outcome {
         case .sent:
-            try await store.markReplied(message, sent: true)
+            // WeChat accepted the reply: from here on it must never be sent again, so a Redis
+            // error while recording it is retried here, never turned into a retry of the message.
+            await markSent(message)
             metrics.replied.increment()
             if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
                 metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
@@ -254,6 +341,9 @@ public final class Worker: Sendable {
             try delivery.ack()
         case .retryLater(let why):
             await retryLater(delivery, reason: why)
+        case .unavailable(let why):
+            // No token (tokend or its Redis is down): an outage of ours, not this message's fault.
+            await retryLater(delivery, reason: why, countsAsAttempt: false)
         case .permanent(let code, let why):
             logger.warning("reply refused for good", metadata: ["wechat.openid": "\(message.fromUserName)", "wechat.errcode": "\(code)", "reason": "\(why)"])
             try await store.markReplied(message, sent: false)
@@ -264,6 +354,34 @@ public final class Worker: Sendable {
                 metadata: ["wechat.errcode": "\(code)", "reason": "\(why)"])
             paused.withLock { $0 = Date().addingTimeInterval(300) }
             await deadLetter(delivery, reason: "errcode \(code): \(why)")
+        }
+    }
+
+    /// Records a sent reply, retrying until Redis answers (with backoff up to 2 s); once the
+    /// worker is shutting down it gives up after a few more tries and logs the message as
+    /// at risk of a second send (only WeChat's retry of the same push could then repeat it).
+    private func markSent(_ message: InboundMessage) async {
+        var delay: Duration = .milliseconds(50)
+        var triesWhileStopping = 0
+        while true {
+            do {
+                try await store.markReplied(message, sent: true)
+                return
+            } catch {
+                metrics.markRetries.increment()
+                if stopping.isSet {
+                    triesWhileStopping += 1
+                    if triesWhileStopping > 5 {
+                        logger.error(
+                            "cannot record a sent reply before shutdown; a retry of this push by WeChat would be answered again",
+                            metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])
+                        return
+                    }
+                }
+                logger.warning("cannot record a sent reply yet; retrying", metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(2))
+            }
         }
     }
 
@@ -313,64 +431,5 @@ public final class Worker: Sendable {
             logger.error("cannot dead-letter; requeueing", metadata: ["error": "\(error)"])
             try? d.nack(requeue: true)
         }
-    }
-}
-
-/// A counting semaphore for async tasks.
-final class Limiter: Sendable {
-    private let state: Mutex<(free: Int, waiters: [CheckedContinuation<Void, Never>])>
-
-    init(permits: Int) { state = Mutex((permits, [])) }
-
-    func acquire() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let go = state.withLock { s -> Bool in
-                if s.free > 0 {
-                    s.free -= 1
-                    return true
-                }
-                s.waiters.append(c)
-                return false
-            }
-            if go { c.resume() }
-        }
-    }
-
-    func release() {
-        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            if s.waiters.isEmpty {
-                s.free += 1
-                return nil
-            }
-            return s.waiters.removeFirst()
-        }
-        next?.resume()
-    }
-}
-
-/// Per-key chains of work: each job for a key starts after the previous one for that key.
-final class Chains: Sendable {
-    private let tails = Mutex<[String: (id: Int, task: Task<Void, Never>)]>([:])
-    private let counter = Atomic<Int>(0)
-
-    func append(_ key: String, _ job: @escaping @Sendable () async -> Void) {
-        let id = counter.wrappingAdd(1, ordering: .relaxed).newValue
-        tails.withLock { t in
-            let previous = t[key]?.task
-            let task = Task {
-                await previous?.value
-                await job()
-                self.finished(key, id)
-            }
-            t[key] = (id, task)
-        }
-    }
-
-    private func finished(_ key: String, _ id: Int) {
-        tails.withLock { t in if t[key]?.id == id { t[key] = nil } }
-    }
-
-    func waitForAll() async {
-        while let next = tails.withLock({ $0.values.first?.task }) { await next.value }
     }
 }

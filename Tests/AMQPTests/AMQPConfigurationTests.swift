@@ -46,6 +46,25 @@ struct AMQPConfigurationTests {
         }
     }
 
+    /// Hardening #5: a `/` in the password cut the URL there, and the rest (part of the
+    /// password) became the host or the vhost, which log lines and errors showed.
+    @Test(arguments: ["s3cr/et", "s3cr?et", "s3cr#et", "a/b@c", "/:?#"])
+    func passwordWithDelimitersNeverLeaks(password: String) throws {
+        let c = try AMQPConfiguration(url: "amqp://user:\(password)@broker.example:5673/v")
+        #expect(c.password == password)
+        #expect(c.host == "broker.example" && c.port == 5673 && c.virtualHost == "v")
+        #expect(!c.redactedURL.contains(password))
+        // A bad URL with such a password: the error never quotes a part of it.
+        for bad in ["amqp://user:\(password)@broker.example:notaport/v", "amqp://user:\(password)@[::1/v"] {
+            #expect {
+                _ = try AMQPConfiguration(url: bad)
+            } throws: { error in
+                guard let e = error as? AMQPError else { return false }
+                return !e.message.contains(password) && !e.message.contains("s3cr") && !e.description.contains("notaport")
+            }
+        }
+    }
+
     @Test func redactedURLHasNoPassword() throws {
         let c = try AMQPConfiguration(url: "amqp://user:secret-pw@h:1/%2F")
         #expect(!c.redactedURL.contains("secret-pw"))

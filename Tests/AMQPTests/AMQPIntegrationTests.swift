@@ -38,6 +38,68 @@ func cleanUp(_ amqp: AMQPConnection, _ name: String) async {
 
 @Suite("AMQP client against the real broker", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(2)))
 struct AMQPIntegrationTests {
+    /// Hardening #13: a consumer the broker cancels (its queue deleted) ends its sequence, so
+    /// the worker can see it and start a new one.
+    @Test(arguments: [AMQPTopology.Queue.Kind.classic, .quorum])
+    func aConsumerWhoseQueueIsDeletedEnds(kind: AMQPTopology.Queue.Kind) async throws {
+        let name = TestServices.unique("cancelled")
+        let topology = AMQPTopology(queues: [.init("\(name).q", kind: kind, singleActiveConsumer: true)])
+        let amqp = try await connectToTestBroker(topology: topology)
+        let other = try await connectToTestBroker()
+        let consumer = try await amqp.consume(queue: "\(name).q", prefetch: 1)
+        let ended = Task {
+            do {
+                for try await _ in consumer {}
+                return "finished"
+            } catch {
+                return "threw"
+            }
+        }
+        _ = try await other.deleteQueue("\(name).q")
+        let how = await ended.value
+        #expect(how == "threw")
+        await other.close()
+        await amqp.close()
+    }
+
+    /// Hardening #2: a short-string property over 255 bytes was refused by librabbitmq after the
+    /// method frame went out, and the client dropped the connection, failing every publish in flight.
+    @Test func aMessageAMQPCannotCarryFailsAloneAndTheConnectionStays() async throws {
+        let name = TestServices.unique("shortstr")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        let long = String(repeating: "m", count: 300)
+        let bad: [AMQPProperties] = [
+            AMQPProperties(messageID: long), AMQPProperties(correlationID: long), AMQPProperties(appID: long),
+            AMQPProperties(type: long), AMQPProperties(headers: [long: "v"]), AMQPProperties(headers: ["t": .table([long: 1])]),
+        ]
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            // Good publishes in flight around the bad ones: every one of them is confirmed.
+            for i in 0..<50 {
+                group.addTask {
+                    try await amqp.publish(AMQPMessage("ok \(i)", properties: AMQPProperties(messageID: "id\(i)")), exchange: "\(name).x", routingKey: "k")
+                    return true
+                }
+            }
+            for p in bad {
+                group.addTask {
+                    do {
+                        try await amqp.publish(AMQPMessage("bad", properties: p), exchange: "\(name).x", routingKey: "k")
+                        return false
+                    } catch let e as AMQPError {
+                        return e.code.rawValue == "invalidMessage" && !e.isRetriable && !e.message.contains(long)
+                    }
+                }
+            }
+            for try await ok in group { #expect(ok) }
+        }
+        await #expect(throws: AMQPError.self) {
+            try await amqp.publish(AMQPMessage("x"), exchange: String(repeating: "x", count: 256), routingKey: "k")
+        }
+        #expect(amqp.isConnected)
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == 50)
+        await cleanUp(amqp, name)
+    }
+
     @Test func publishConfirmConsumeAckRoundTrip() async throws {
         let name = TestServices.unique("roundtrip")
         let amqp = try await connectToTestBroker(topology: testTopology(name))

@@ -96,7 +96,7 @@ struct IngressLifecycleTests {
             let consumer = try await checker.consume(queue: f.topology.shardQueue(s), prefetch: 500)
             var n = 0
             for try await d in consumer {
-                if let id = d.message.properties.messageID { queued.insert(id) }
+                if let id = d.message.properties.headers[WeChatTopology.Header.dedupKey]?.stringValue { queued.insert(id) }
                 try d.ack()
                 n += 1
                 if n == info.messageCount { break }

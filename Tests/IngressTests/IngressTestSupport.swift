@@ -11,7 +11,7 @@ import WeChat
 
 let ingressLogger: Logger = {
     var l = Logger(label: "ingress-test")
-    l.logLevel = .critical
+    l.logLevel = ProcessInfo.processInfo.environment["WR_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
     return l
 }()
 

@@ -54,7 +54,9 @@ struct IngressTests {
                     #expect(d.message.bodyString == xml, "\(mode) \(name): body is the plaintext XML")
                     let p = d.message.properties
                     #expect(p.persistent)
-                    #expect(p.messageID == expected.dedupKey)
+                    #expect(p.messageID == expected.dedupID)
+                    #expect(p.headers[WeChatTopology.Header.dedupKey]?.stringValue == expected.dedupKey)
+                    #expect(p.headers[WeChatTopology.Header.signedQuery]?.stringValue?.hasPrefix("\(now):nonce1:") == true)
                     #expect(p.appID == appID)
                     #expect(p.contentType == "application/xml")
                     #expect(p.timestamp != nil)
@@ -158,7 +160,7 @@ struct IngressTests {
             ids.append(d.message.properties.messageID)
             try d.ack()
         }
-        #expect(ids == Array(repeating: "oRetry:1001", count: 3))
+        #expect(ids == Array(repeating: try InboundMessage(xml: xml).dedupID, count: 3))
         await f.tearDown()
     }
 

@@ -196,10 +196,91 @@ public struct ChildProcess: Sendable {
         self.pid = pid
     }
 
+    /// Sends `signal` (SIGTERM, SIGSTOP, …).
+    public func signal(_ signal: Int32) { _ = Glibc.kill(pid, signal) }
+
+    /// Waits at most `seconds` for the process to exit; its exit status, or nil if it still runs
+    /// (then it is killed). Polls `waitpid` every 50 ms: no event announces a child's exit here.
+    public func waitForExit(within seconds: Int) async -> Int32? {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        var status: Int32 = 0
+        while ContinuousClock.now < deadline {
+            if waitpid(pid, &status, WNOHANG) == pid {
+                return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        kill()
+        return nil
+    }
+
     /// SIGKILL, as a crash would, and reap it.
     public func kill() {
         _ = Glibc.kill(pid, SIGKILL)
         var status: Int32 = 0
         _ = waitpid(pid, &status, 0)
     }
+}
+
+/// A port nothing listens on (bound to learn it, then closed).
+public func freePort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+    }
+    guard ok else { throw POSIXError(.EADDRINUSE) }
+    return Int(UInt16(bigEndian: address.sin_port))
+}
+
+public func canConnect(port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = in_port_t(UInt16(port).bigEndian)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+    }
+}
+
+/// A Redis of a test's own: a plain `redis-server` on a free loopback port, no persistence,
+/// started in milliseconds (unlike ``PrivateServices``, which also boots a RabbitMQ node).
+public final class PrivateRedis: Sendable {
+    public let port: Int
+    public var url: String { "redis://127.0.0.1:\(port)/0" }
+    private let process = Locked<ChildProcess?>(nil)
+
+    public init() async throws {
+        port = try freePort()
+        try await start()
+    }
+
+    /// Starts it (again) on the same port.
+    public func start() async throws {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("redis-\(port).log").path
+        let child = try ChildProcess(
+            "/usr/bin/redis-server",
+            arguments: ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", FileManager.default.temporaryDirectory.path],
+            environment: [:], logPath: log)
+        process.withLock { $0 = child }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while !canConnect(port: port) {
+            guard ContinuousClock.now < deadline else { throw ServiceScriptError(message: "redis-server did not start on \(port)") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    /// Stops it at once (SIGKILL), as a crash would.
+    public func stop() {
+        process.withLock { $0 }?.kill()
+        process.withLock { $0 = nil }
+    }
+
+    deinit { process.withLock { $0 }?.kill() }
 }

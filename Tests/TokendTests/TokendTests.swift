@@ -278,3 +278,98 @@ struct TokenClientTests {
         }
     }
 }
+
+/// Regression tests of the hardening issue (#13), tokend part.
+@Suite("tokend hardening", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+struct TokendHardeningTests {
+    /// A clock the test moves.
+    final class VirtualClock: Sendable {
+        private let seconds = Locked<Int64>(1_800_000_000)
+        var now: Int64 { seconds.withLock { $0 } }
+        func advance(_ s: Int64) { seconds.withLock { $0 += s } }
+    }
+
+    /// #8: with the default 600 s margin, stable_token handed back the same token until 300 s
+    /// before expiry, so the refresher asked once a second and every reader asked again:
+    /// about 300 upstream calls per token. Over a whole lifetime on a virtual clock, with a
+    /// reader every second and the refresher at its scheduled checks: at most 2.
+    @Test(arguments: ["stable", "token", "ticket"])
+    func atMostTwoUpstreamCallsPerLifetime(mode: String) async throws {
+        let clock = VirtualClock()
+        var settings = FakePlatform.Settings(appID: "wx1", secret: "s")
+        settings.tokenLifetime = .seconds(7200)
+        let platform = FakePlatform(settings: settings, now: { Date(timeIntervalSince1970: TimeInterval(clock.now)) })
+        let redis = RedisPool(configuration: try RedisConfiguration(url: TestServices.redisURL()), size: 2, logger: tokendLogger)
+        let calls = Locked(0)
+        let keeper = CredentialKeeper(
+            kind: mode, key: TestServices.unique("tokend.virtual"), redis: redis, margin: .seconds(600), logger: tokendLogger,
+            fetch: { reason, _ in
+                calls.withLock { $0 += 1 }
+                switch mode {
+                case "stable":
+                    let r = platform.issueStableToken(forceRefresh: reason == .passive)
+                    return (r.accessToken, r.expiresIn)
+                case "token":
+                    let r = platform.issueToken()
+                    return (r.accessToken, r.expiresIn)
+                default:
+                    let r = platform.issueTicket()
+                    return (r.ticket, r.expiresIn)
+                }
+            }, onEvent: { _ in }, now: { clock.now })
+        let first = try await keeper.refresh(.missing)
+        #expect(calls.withLock { $0 } == 1)
+        var next = await keeper.nextCheck(for: first)
+        var values: Set<String> = [first.value]
+        for _ in 0..<7200 {
+            clock.advance(1)
+            // A reader every second.
+            let read = try await keeper.refresh(.missing)
+            #expect(read.isValid(at: clock.now))
+            // The refresher at its scheduled checks.
+            if clock.now >= next {
+                let c = try await keeper.refresh(.proactive)
+                values.insert(c.value)
+                next = await keeper.nextCheck(for: c)
+            }
+        }
+        let upstream = calls.withLock { $0 } - 1
+        #expect(upstream >= 1, "renewed at least once in a lifetime")
+        #expect(upstream <= 2, "\(upstream) upstream calls in one lifetime")
+        #expect(values.count == 2)
+        redis.close()
+    }
+
+    /// #9: a passive refresh that joined an in-flight proactive refresh got the rejected token back.
+    @Test func aPassiveRefreshJoiningAProactiveOneIsNotSwallowed() async throws {
+        let redis = RedisPool(configuration: try RedisConfiguration(url: TestServices.redisURL()), size: 2, logger: tokendLogger)
+        let (proactiveStarted, reportStart) = AsyncStream<Void>.makeStream()
+        let gate = Locked<CheckedContinuation<Void, Never>?>(nil)
+        let keeper = CredentialKeeper(
+            kind: "access_token", key: TestServices.unique("tokend.passive"), redis: redis, margin: .seconds(7200), logger: tokendLogger,
+            fetch: { reason, _ in
+                switch reason {
+                case .missing: return ("T1", 7200)
+                case .proactive:
+                    // Held until the passive request has joined; then the same token comes back.
+                    await withCheckedContinuation { c in
+                        gate.withLock { $0 = c }
+                        reportStart.yield()
+                    }
+                    return ("T1", 7199)
+                case .passive: return ("T2", 7200)
+                }
+            }, onEvent: { _ in })
+        _ = try await keeper.refresh(.missing)
+        let proactive = Task { try await keeper.refresh(.proactive) }
+        var started = proactiveStarted.makeAsyncIterator()
+        await started.next()
+        let passive = Task { try await keeper.refresh(.passive, stale: "T1") }
+        // Let the passive request reach the keeper (an actor: it queues behind nothing else), then release.
+        while await !keeper.hasWaiters { await Task.yield() }
+        gate.withLock { $0 }?.resume()
+        #expect(try await proactive.value.value == "T1")
+        #expect(try await passive.value.value == "T2")
+        redis.close()
+    }
+}

@@ -101,12 +101,52 @@ struct MessageTests {
 
     @Test func dedupKeys() throws {
         #expect(try message("text", [("Content", "x"), ("MsgId", "42")]).dedupKey == "oUser1:42")
-        #expect(try message("event", [("Event", "CLICK"), ("EventKey", "HELP")]).dedupKey == "oUser1:1700000000:CLICK:HELP")
-        #expect(try message("event", [("Event", "subscribe")]).dedupKey == "oUser1:1700000000:subscribe:")
+        #expect(try message("event", [("Event", "CLICK"), ("EventKey", "HELP")]).dedupKey.hasPrefix("oUser1:1700000000:CLICK:"))
+        #expect(try message("event", [("Event", "subscribe")]).dedupKey.hasPrefix("oUser1:1700000000:subscribe:"))
+        // WeChat's retry of one push (the same document) matches itself.
+        #expect(try message("event", [("Event", "CLICK"), ("EventKey", "HELP")]).dedupKey
+            == (try message("event", [("Event", "CLICK"), ("EventKey", "HELP")]).dedupKey))
         // Two users with the same MsgId do not collide.
         let a = try InboundMessage(xml: pushXML([("ToUserName", "g"), ("FromUserName", "A"), ("CreateTime", "1"), ("MsgType", "text"), ("MsgId", "7")]))
         let b = try InboundMessage(xml: pushXML([("ToUserName", "g"), ("FromUserName", "B"), ("CreateTime", "1"), ("MsgType", "text"), ("MsgId", "7")]))
         #expect(a.dedupKey != b.dedupKey)
+    }
+
+    /// Hardening #7: distinct events in the same second were merged by `From:CreateTime:Event:EventKey`.
+    @Test func distinctEventsInOneSecondAreNotMerged() throws {
+        // Two template receipts: each carries its own MsgID.
+        let t1 = try message("event", [("Event", "TEMPLATESENDJOBFINISH"), ("MsgID", "200163836"), ("Status", "success")])
+        let t2 = try message("event", [("Event", "TEMPLATESENDJOBFINISH"), ("MsgID", "200163840"), ("Status", "success")])
+        #expect(t1.dedupKey != t2.dedupKey)
+        #expect(t1.dedupKey == "oUser1:TEMPLATESENDJOBFINISH:200163836")
+        // Two subscribe-message pops in one second, with different templates.
+        func popup(_ template: String, _ status: String) throws -> InboundMessage {
+            try InboundMessage(xml: pushXML([
+                ("ToUserName", "gh"), ("FromUserName", "oUser1"), ("CreateTime", "1700000000"), ("MsgType", "event"),
+                ("Event", "subscribe_msg_popup_event"),
+            ]).replacingOccurrences(
+                of: "</xml>",
+                with: "<SubscribeMsgPopupEvent><List><TemplateId><![CDATA[\(template)]]></TemplateId><SubscribeStatusString><![CDATA[\(status)]]></SubscribeStatusString><PopupScene>0</PopupScene></List></SubscribeMsgPopupEvent></xml>"))
+        }
+        #expect(try popup("tplA", "accept").dedupKey != popup("tplB", "accept").dedupKey)
+        #expect(try popup("tplA", "accept").dedupKey != popup("tplA", "reject").dedupKey)
+        #expect(try popup("tplA", "accept").dedupKey == popup("tplA", "accept").dedupKey)
+        // Publish receipts all come from mphelper, in the same second, with different publish ids.
+        func published(_ id: String) throws -> InboundMessage {
+            try InboundMessage(xml: pushXML([
+                ("ToUserName", "gh"), ("FromUserName", "mphelper"), ("CreateTime", "1700000000"), ("MsgType", "event"),
+                ("Event", "PUBLISHJOBFINISH"),
+            ]).replacingOccurrences(
+                of: "</xml>", with: "<PublishEventInfo><publish_id>\(id)</publish_id><publish_status>0</publish_status></PublishEventInfo></xml>"))
+        }
+        #expect(try published("2247503051").dedupKey != published("2247503052").dedupKey)
+        // Two VIEW clicks of different long menu URLs.
+        let long = "https://example.com/" + String(repeating: "a", count: 1000)
+        let v1 = try message("event", [("Event", "VIEW"), ("EventKey", long + "1")])
+        let v2 = try message("event", [("Event", "VIEW"), ("EventKey", long + "2")])
+        #expect(v1.dedupKey != v2.dedupKey)
+        // The digest that goes into AMQP's message_id and Redis keys has a fixed length.
+        #expect(v1.dedupID.utf8.count == 64 && v1.dedupID != v2.dedupID)
     }
 
     @Test(arguments: ["ToUserName", "FromUserName", "CreateTime", "MsgType"])

@@ -50,6 +50,15 @@ struct SignatureTests {
         try WeChatSignature.checkTimestamp("1", now: 1_700_000_000, window: 0)
     }
 
+    /// Hardening #1: `abs(now - t)` trapped on overflow for an untrusted timestamp.
+    @Test(arguments: ["-9223372036854775808", "9223372036854775807", "-9223372036854775807", "99999999999999999999", "+1", " 1", ""])
+    func absurdTimestampsAreOutOfTheWindowNeverACrash(timestamp: String) {
+        #expect(throws: WeChatError.self) { try WeChatSignature.checkTimestamp(timestamp, now: 1_700_000_000, window: 300) }
+        #expect(throws: WeChatError.self) { try WeChatSignature.checkTimestamp(timestamp, now: -1_700_000_000, window: 300) }
+        // Even with the widest window, Int64.min against now = Int64.max is refused, not a trap.
+        #expect(throws: WeChatError.self) { try WeChatSignature.checkTimestamp("-9223372036854775808", now: .max, window: .max) }
+    }
+
     @Test func jsapiSignatureOfficialExample() {
         // The worked example of WeChat's JS-SDK documentation (appendix 1).
         let sig = WeChatSignature.jsapiSignature(

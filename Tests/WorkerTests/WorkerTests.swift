@@ -17,7 +17,7 @@ import Worker
 
 let workerLogger: Logger = {
     var l = Logger(label: "worker-test")
-    l.logLevel = .critical
+    l.logLevel = ProcessInfo.processInfo.environment["WR_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
     return l
 }()
 
@@ -44,7 +44,7 @@ struct Stack: Sendable {
         let amqp = try await AMQPConnection.connect(configuration: config, topology: topology.inbound, logger: workerLogger)
         let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
         return Worker(
-            amqp: amqp, store: SessionStore(redis: sessions ?? redis, appID: appID), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
+            amqp: amqp, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
             rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
             retryDelays: retryDelays)
     }
@@ -60,12 +60,13 @@ struct Stack: Sendable {
         return m
     }
 
-    func publish(xml: String, message m: InboundMessage) async throws {
+    func publish(xml: String, message m: InboundMessage, extraHeaders: AMQPTable = [:]) async throws {
         var headers: AMQPTable = [WeChatTopology.Header.openID: .string(m.fromUserName), WeChatTopology.Header.msgType: .string(m.msgType),
             WeChatTopology.Header.receivedAtMs: .int(Int64(Date().timeIntervalSince1970 * 1000))]
+        headers.merge(extraHeaders) { $1 }
         if let e = m.event { headers[WeChatTopology.Header.event] = .string(e) }
         try await pusher.publish(
-            AMQPMessage(xml, properties: AMQPProperties(contentType: "application/xml", headers: headers, messageID: m.dedupKey)),
+            AMQPMessage(xml, properties: AMQPProperties(contentType: "application/xml", headers: headers, messageID: m.dedupID)),
             exchange: topology.inboundExchange, routingKey: topology.routingKey(openID: m.fromUserName))
     }
 
@@ -181,7 +182,7 @@ struct WorkerTests {
                 _ = await s.replies(to: "oOther", count: 1)
             }
             #expect(s.platform.messages(touser: u).count == 11)
-            let session = try await SessionStore(redis: s.redis, appID: s.appID).session(u)
+            let session = try await SessionStore(redis: s.redis, appID: s.appID, prefix: s.topology.prefix).session(u)
             #expect(session.values["subscribed"] == "0")
             #expect(session.messages == 9)
         }
@@ -277,7 +278,7 @@ struct WorkerTests {
                 let m = try InboundMessage(xml: xml)
                 s.platform.userPushed(openID: "oReplay", msgType: "text", event: nil)
                 try await s.pusher.publish(
-                    AMQPMessage(xml, properties: AMQPProperties(headers: [WeChatTopology.Header.openID: "oReplay", WorkerHeader.reason: "errcode 45009"], messageID: m.dedupKey)),
+                    AMQPMessage(xml, properties: AMQPProperties(headers: [WeChatTopology.Header.openID: "oReplay", WorkerHeader.reason: "errcode 45009"], messageID: m.dedupID)),
                     exchange: s.topology.deadLetterExchange, routingKey: "")
                 // Wait for the malformed one to be dead-lettered (a second dead letter appears).
                 while try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount < 2 { await Task.yield() }

@@ -1,0 +1,328 @@
+import AMQP
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+import Redis
+import RelayCore
+import Simulator
+import TestSupport
+import Testing
+import TokenClient
+import WeChat
+@testable import Worker
+
+/// Waits for `condition` with a bound; no event announces these states, so it polls (never asserts on time).
+func eventually(_ what: String, within seconds: Int = 30, _ condition: () async throws -> Bool) async throws {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(50))
+    }
+    Issue.record("timed out waiting for: \(what)")
+    throw CancellationError()
+}
+
+extension Stack {
+    /// Publishes a push as the ingress would, with the ingress's signed-query header.
+    @discardableResult
+    func push(text: String, from user: String, signedQuery: String) async throws -> (xml: String, message: InboundMessage) {
+        let xml = try PushBuilder.xml(kind: "text", value: text, eventKey: nil, from: user, to: "gh_test", msgID: UInt64.random(in: 1...UInt64(Int64.max)))
+        let m = try InboundMessage(xml: xml)
+        platform.userPushed(openID: user, msgType: m.msgType, event: m.event)
+        try await publish(xml: xml, message: m, extraHeaders: [WeChatTopology.Header.signedQuery: .string(signedQuery)])
+        return (xml, m)
+    }
+
+    /// Every shard and delay queue of the stack is empty (nothing waits for a retry).
+    func allQueuesEmpty() async throws -> Bool {
+        let retry = RetryTopology(base: topology)
+        for q in (0..<topology.shardCount).map(topology.shardQueue) + (0..<retry.delays.count).map(retry.queue) {
+            if try await pusher.queueInfo(q).messageCount != 0 { return false }
+        }
+        return true
+    }
+}
+
+/// Regression tests of the hardening issue (#13), worker part: each failed on the code before its fix.
+@Suite("wechat-worker hardening", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+struct WorkerHardeningTests {
+    /// #3: a different message presented under a signed query that another message already used
+    /// (a replayed push URL with a forged body) is never processed; WeChat's own retry of the
+    /// same message under the same query stays a normal duplicate.
+    @Test func aReplayedSignedQueryWithAnotherBodyIsNeverProcessed() async throws {
+        try await withStack { s in
+            let w = try await s.worker()
+            try await running([w]) {
+                let triple = "1700000000:nonce:\(UUID().uuidString)"
+                let genuine = try await s.push(text: "帮助", from: "oVictim", signedQuery: triple)
+                #expect(await s.replies(to: "oVictim", count: 1) == [help])
+                // The same URL with another body (and another user).
+                try await s.push(text: "菜单", from: "oForger", signedQuery: triple)
+                // WeChat's retry of the genuine message under the same URL.
+                try await s.publish(
+                    xml: genuine.xml, message: genuine.message, extraHeaders: [WeChatTopology.Header.signedQuery: .string(triple)])
+                try await eventually("both settled") {
+                    metric(w, #"wechat_worker_messages_total{outcome="replayed_query"} "#) == 1 && duplicates(w) == 1
+                }
+            }
+            #expect(s.platform.messages(touser: "oForger").isEmpty)
+            #expect(s.platform.messages(touser: "oVictim").count == 1)
+        }
+    }
+
+    /// #10: Redis answers that mean "try later" (here READONLY: the worker's Redis became a replica,
+    /// as in a failover) dead-lettered messages after the three retries; now they wait it out.
+    /// #11: a Redis error right after a successful send re-sent the reply; now the mark is retried.
+    @Test func redisTryLaterAndAFailedMarkNeitherDeadLetterNorResend() async throws {
+        try await withStack { s in
+            do {
+                let redisHost = try await PrivateRedis()
+                let sessions = RedisPool(configuration: try RedisConfiguration(url: redisHost.url), size: 4, logger: workerLogger)
+                let delays: [Duration] = [.milliseconds(100), .milliseconds(200), .milliseconds(300)]
+                let w = try await s.worker(sessions: sessions, retryDelays: delays)
+                try await running([w]) {
+                    await w.waitUntilOwning(s.topology.shardCount)
+                    // #10: READONLY (a replica of a primary that is not there).
+                    _ = try await sessions.send(["REPLICAOF", "127.0.0.1", "1"])
+                    try await s.push("text", "帮助", from: "oReadonly")
+                    try await eventually("the message went round the delay queues twice as often as its retries") {
+                        retried(w) >= 2 * delays.count
+                    }
+                    #expect(try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount == 0)
+                    _ = try await sessions.send(["REPLICAOF", "NO", "ONE"])
+                    #expect(await s.replies(to: "oReadonly", count: 1) == [help])
+
+                    // #11: the send is accepted by WeChat while Redis is down.
+                    var slow = FakePlatform.Faults()
+                    slow.latencyMs = 1500
+                    s.platform.faults = slow
+                    let arrivals = s.platform.arrivalCount
+                    try await s.push("text", "帮助", from: "oMark")
+                    await s.platform.waitForArrivals(arrivals + 1)  // the send is in flight
+                    redisHost.stop()
+                    _ = await s.platform.waitForMessages(touser: "oMark", count: 1)  // WeChat accepted it
+                    try await eventually("the worker tried to record the send") {
+                        metric(w, "wechat_worker_mark_retries_total ") >= 1 || retried(w) > 2 * delays.count
+                    }
+                    s.platform.faults = FakePlatform.Faults()
+                    try await redisHost.start()
+                }
+                // After a graceful shutdown nothing is left to retry, and the reply went out once.
+                #expect(try await s.allQueuesEmpty())
+                #expect(s.platform.messages(touser: "oMark").count == 1)
+                #expect(s.platform.messages(touser: "oReadonly").count == 1)
+                #expect(metric(w, #"wechat_worker_messages_total{outcome="dead_lettered"} "#) == 0)
+                sessions.close()
+                redisHost.stop()
+            }
+        }
+    }
+
+    /// #10: a tokend outage (no access_token) used up a message's retries and dead-lettered it.
+    @Test func aTokenOutageDeadLettersNothing() async throws {
+        try await withStack { s in
+            let keys = TokenKeys(appID: s.appID)
+            let saved = try #require(try await s.redis.get(keys.accessToken))
+            let delays: [Duration] = [.milliseconds(100), .milliseconds(200), .milliseconds(300)]
+            let w = try await s.worker(retryDelays: delays)
+            try await running([w]) {
+                _ = try await s.redis.send(["DEL", .init(keys.accessToken)])
+                try await s.push("text", "帮助", from: "oNoToken")
+                try await eventually("the message went round the delay queues twice as often as its retries") {
+                    retried(w) >= 2 * delays.count
+                }
+                #expect(try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount == 0)
+                _ = try await s.redis.send(["SET", .init(keys.accessToken), .init(saved)])
+                #expect(await s.replies(to: "oNoToken", count: 1) == [help])
+            }
+            #expect(metric(w, #"wechat_worker_messages_total{outcome="dead_lettered"} "#) == 0)
+        }
+    }
+
+    /// #13: a consumer cancelled by the broker (its queue deleted and declared again) left a dead
+    /// shard runner: that shard was never consumed again while /readyz stayed 200.
+    @Test func aCancelledConsumerIsReplaced() async throws {
+        try await withStack { s in
+            let w = try await s.worker()
+            w.membershipTiming = (.milliseconds(200), .seconds(2))
+            try await running([w]) {
+                await w.waitUntilOwning(s.topology.shardCount)
+                #expect(w.isConsuming)
+                let shard = s.topology.shard(openID: "oDeleted")
+                _ = try await s.pusher.deleteQueue(s.topology.shardQueue(shard))
+                // Not ready while a shard it owns has no consumer.
+                try await eventually("the worker reports the dead consumer") { !w.isConsuming }
+                try await s.pusher.declare(s.topology.inbound)
+                try await eventually("the worker consumes the shard again") { w.isConsuming }
+                try await s.push("text", "帮助", from: "oDeleted")
+                #expect(await s.replies(to: "oDeleted", count: 1) == [help])
+                #expect(w.isConsuming)
+            }
+        }
+    }
+
+    /// #16: 64 queued messages of one user held every permit while running one at a time, so
+    /// other users (on another shard) waited for that user's backlog.
+    @Test func oneUsersBacklogDoesNotHoldOtherUsersPermits() async throws {
+        try await withStack(quota: 1000) { s in
+            let w = try await s.worker(concurrency: 8)
+            var slow = FakePlatform.Faults()
+            slow.latencyMs = 150
+            let flooder = "oFlood"
+            let floodShard = s.topology.shard(openID: flooder)
+            let others = (0..<400).map { "oOther\($0)" }.filter { s.topology.shard(openID: $0) != floodShard }.prefix(8)
+            try await running([w]) {
+                await w.waitUntilOwning(s.topology.shardCount)
+                s.platform.faults = slow
+                for _ in 0..<16 { try await s.push("text", "帮助", from: flooder) }
+                _ = await s.platform.waitForMessages(touser: flooder, count: 1)
+                for u in others { try await s.push("text", "帮助", from: u) }
+                _ = await s.platform.waitForMessages(touser: flooder, count: 16)
+                for u in others { _ = await s.platform.waitForMessages(touser: u, count: 1) }
+            }
+            // Every other user was answered before the flooder's backlog was through.
+            let order = s.platform.messages().map(\.touser)
+            let lastOther = try #require(order.lastIndex { others.contains($0) })
+            let flooderReplies = order.enumerated().filter { $0.element == flooder }.map(\.offset)
+            #expect(lastOther < flooderReplies[8], "other users waited behind one user's backlog: \(order)")
+        }
+    }
+
+    /// #17: every finished message kept a 24-hour record with a full session snapshot.
+    /// #18: a delayed unsubscribe applied after a later subscribe silenced the user.
+    /// #20: WECHAT_QUEUE_PREFIX did not isolate Redis state.
+    @Test func recordsSubscriptionOrderAndPrefixes() async throws {
+        try await withStack { s in
+            let store = SessionStore(redis: s.redis, appID: s.appID, prefix: TestServices.unique("p1"), finishedTTL: 600)
+            let user = "oSub\(UInt32.random(in: 0 ... .max))"
+            func event(_ name: String, at t: Int64) throws -> InboundMessage {
+                try InboundMessage(
+                    xml: "<xml><ToUserName>gh</ToUserName><FromUserName>\(user)</FromUserName><CreateTime>\(t)</CreateTime><MsgType>event</MsgType><Event>\(name)</Event></xml>")
+            }
+            // #18: subscribe at 200 arrives first, the unsubscribe of 100 late.
+            _ = try await store.observe(try event("subscribe", at: 200), now: 1000)
+            _ = try await store.observe(try event("unsubscribe", at: 100), now: 1001)
+            #expect(try await store.session(user).subscribed)
+            _ = try await store.observe(try event("unsubscribe", at: 300), now: 1002)
+            #expect(try await store.session(user).subscribed == false)
+
+            // #17: a finished record keeps only `replied`, for minutes.
+            let text = try InboundMessage(
+                xml: "<xml><ToUserName>gh</ToUserName><FromUserName>\(user)</FromUserName><CreateTime>1</CreateTime><MsgType>text</MsgType><Content>x</Content><MsgId>7</MsgId></xml>")
+            _ = try await store.observe(text, now: 1003)
+            let record = store.keys.record(text.dedupID)
+            #expect(try await s.redis.hgetall(record)["snapshot"] != nil)
+            try await store.markReplied(text, sent: false)
+            #expect(try await s.redis.hgetall(record) == ["replied": "1"])
+            let ttl = try #require(try await s.redis.send(["TTL", .init(record)]).int)
+            #expect(ttl > 0 && ttl <= 600)
+            #expect(try await store.observe(text, now: 1004).replied)
+
+            // #20: another prefix sees none of it; every key of the store is under its prefix.
+            let other = SessionStore(redis: s.redis, appID: s.appID, prefix: TestServices.unique("p2"))
+            let seen = try await other.observe(text, now: 1005)
+            #expect(seen.isNew && !seen.replied)
+            for key in [store.keys.session(user), store.keys.record("x"), store.keys.signedQuery("x"), store.keys.workers] {
+                #expect(key.hasPrefix(store.keys.prefix + ":"))
+            }
+            #expect(TokenKeys(appID: s.appID, prefix: store.keys.prefix).accessToken.hasPrefix(store.keys.prefix + ":"))
+        }
+    }
+
+    /// #19: an error reply to the membership heartbeat read as "no other members", and the
+    /// worker took every shard.
+    @Test func aMembershipErrorReplyTakesNoShards() async throws {
+        try await withStack { s in
+            let a = try await s.worker()
+            a.membershipTiming = (.milliseconds(200), .seconds(2))
+            let b = try await s.worker()
+            b.membershipTiming = (.milliseconds(200), .seconds(2))
+            try await running([a]) {
+                await a.waitUntilOwning(s.topology.shardCount)
+                // The membership key now holds a string: ZADD answers WRONGTYPE.
+                _ = try await s.redis.send(["DEL", .init(a.store.keys.workers)])
+                _ = try await s.redis.send(["SET", .init(a.store.keys.workers), "not a sorted set"])
+                try await running([b]) {
+                    try await eventually("b tried several heartbeats") { metric(b, "wechat_worker_heartbeat_failures_total ") >= 3 }
+                    #expect(b.ownedShards.isEmpty)
+                    #expect(a.ownedShards.count == s.topology.shardCount)
+                }
+                _ = try await s.redis.send(["DEL", .init(a.store.keys.workers)])
+            }
+        }
+    }
+
+    /// #15: a handover waited for the shard's in-flight work inside the heartbeat loop, so a slow
+    /// send stopped the heartbeat and the other worker took every shard meanwhile.
+    @Test func aSlowHandoverKeepsTheHeartbeat() async throws {
+        try await withStack(quota: 100) { s in
+            let a = try await s.worker()
+            a.membershipTiming = (.milliseconds(200), .seconds(1))
+            let b = try await s.worker()
+            b.membershipTiming = (.milliseconds(200), .seconds(1))
+            try await running([a]) {
+                await a.waitUntilOwning(s.topology.shardCount)
+                // A send on every shard that takes three heartbeat lifetimes.
+                var slow = FakePlatform.Faults()
+                slow.latencyMs = 3000
+                s.platform.faults = slow
+                let arrivals = s.platform.arrivalCount
+                let users = (0..<200).map { "oSlow\($0)" }
+                var perShard: [Int: String] = [:]
+                for u in users where perShard[s.topology.shard(openID: u)] == nil { perShard[s.topology.shard(openID: u)] = u }
+                for u in perShard.values { try await s.push("text", "帮助", from: u) }
+                await s.platform.waitForArrivals(arrivals + perShard.count)
+                try await running([b]) {
+                    // B gets its share once A handed it over (after the slow sends), never all of it.
+                    for u in perShard.values { _ = await s.platform.waitForMessages(touser: u, count: 1) }
+                    try await eventually("the shards are split") { !b.ownedShards.isEmpty && a.ownedShards.count + b.ownedShards.count == s.topology.shardCount }
+                    #expect(!b.ownershipHistory.contains(s.topology.shardCount), "B took every shard: \(b.ownershipHistory)")
+                }
+            }
+            s.platform.faults = FakePlatform.Faults()
+        }
+    }
+}
+
+@Suite("Shard assignment")
+struct ShardAssignmentTests {
+    /// #12/#15: the split is deterministic, complete and even, whatever order the view lists members in.
+    @Test func everyShardHasOneOwnerAndTheSplitIsEven() {
+        for n in 1...10 {
+            let members = (0..<n).map { _ in UUID().uuidString }
+            let owners = Membership.assignment(members: members, count: 8)
+            #expect(owners.count == 8)
+            #expect(owners == Membership.assignment(members: members.reversed(), count: 8))
+            let counts = Dictionary(grouping: owners.values, by: { $0 }).mapValues(\.count)
+            let cap = (8 + n - 1) / n
+            #expect(counts.values.allSatisfy { $0 <= cap })
+            let mine = members.map { Membership.shards(for: $0, members: members, count: 8) }
+            #expect(mine.reduce(0) { $0 + $1.count } == 8)
+        }
+    }
+}
+
+@Suite("Worker process", .enabled(if: (TestServices.redisEnabled && TestServices.environment["WR_BIN_DIR"] != nil) || TestServices.isCI), .timeLimit(.minutes(2)))
+struct WorkerProcessTests {
+    /// #14: SIGTERM while RabbitMQ was unreachable hung until SIGKILL; now the wait honours
+    /// graceful shutdown and the process exits 0.
+    @Test func sigtermWhileRabbitMQIsDownExitsZero() async throws {
+        let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
+        let closedPort = try freePort()
+        let metricsPort = try freePort()
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("sigterm-worker-\(UUID().uuidString).log").path
+        let child = try ChildProcess(
+            "\(bin)/wechat-worker",
+            environment: [
+                "WECHAT_APPID": "wxsigterm", "AMQP_URL": "amqp://guest:guest@127.0.0.1:\(closedPort)/%2F",
+                "REDIS_URL": try TestServices.redisURL(), "WECHAT_API_URL": "http://127.0.0.1:1",
+                "WECHAT_QUEUE_PREFIX": TestServices.unique("sigterm"), "METRICS_PORT": String(metricsPort), "LOG_LEVEL": "warning",
+            ], logPath: log)
+        // Running (its metrics server answers) while it waits for RabbitMQ.
+        try await eventually("the worker serves its metrics port") { canConnect(port: metricsPort) }
+        child.signal(SIGTERM)
+        let status = await child.waitForExit(within: 20)
+        #expect(status == 0, "exit status \(status.map(String.init) ?? "none: still running after 20 s")")
+    }
+}
