@@ -15,6 +15,7 @@ let package = Package(
         .executable(name: "wechat-tokend", targets: ["WeChatTokend"]),
         .executable(name: "wechat-sim", targets: ["WeChatSim"]),
         .executable(name: "relay-bench", targets: ["RelayBench"]),
+        .executable(name: "relay-fuzz", targets: ["RelayFuzz"]),
         .library(name: "AMQP", targets: ["AMQP"]),
         .library(name: "WeChat", targets: ["WeChat"]),
         .library(name: "Redis", targets: ["Redis"]),
@@ -184,6 +185,12 @@ let package = Package(
             ]
         ),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
+        // Fuzz targets (ops/fuzz builds them with libFuzzer; the normal build replays Fuzz/corpus).
+        .executableTarget(
+            name: "RelayFuzz",
+            dependencies: ["WeChat", .product(name: "HummingbirdCore", package: "hummingbird")],
+            path: "Fuzz/RelayFuzz"
+        ),
         .testTarget(
             name: "AMQPTests",
             dependencies: [

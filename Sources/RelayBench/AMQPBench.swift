@@ -90,8 +90,10 @@ struct AMQPPurge: AsyncParsableCommand {
 
     func run() async throws {
         let amqp = try await AMQPConnection.connect(configuration: AMQPConfiguration(url: url), logger: Logger(label: "bench"))
-        for q in queues { try await amqp.purge(queue: q) }
+        var purged = 0
+        for q in queues { purged += try await amqp.purge(queue: q) }
         await amqp.close()
+        print(purged)
     }
 }
 

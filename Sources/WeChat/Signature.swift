@@ -57,6 +57,24 @@ public enum WeChatSignature {
         }
     }
 
+    /// The checks of a pushed request's query, in the order that is safe for untrusted input:
+    /// the signature against each accepted Token first (cheap, constant time), then the
+    /// timestamp window (overflow-free). Any value of any parameter ends in a thrown
+    /// ``WeChatError``, never a trap.
+    /// - Throws: ``WeChatError/Code/validateSignature`` for a missing or wrong signature,
+    ///   ``WeChatError/Code/timestampOutOfWindow`` for a timestamp outside the window.
+    public static func verifyPush(
+        signature: String?, timestamp: String?, nonce: String?, tokens: [String], now: Int64, window: Int64
+    ) throws {
+        guard let signature, let timestamp, let nonce else {
+            throw WeChatError(.validateSignature, "missing signature, timestamp or nonce")
+        }
+        guard tokens.contains(where: { verify(signature, parts: [$0, timestamp, nonce]) }) else {
+            throw WeChatError(.validateSignature, "signature does not match the Token (or the previous Token)")
+        }
+        try checkTimestamp(timestamp, now: now, window: window)
+    }
+
     /// The JS-SDK page signature for `wx.config`: `sha1("jsapi_ticket=…&noncestr=…&timestamp=…&url=…")`,
     /// with the URL's `#fragment` removed.
     public static func jsapiSignature(ticket: String, nonceStr: String, timestamp: Int64, url: String) -> String {

@@ -118,7 +118,7 @@ struct IngressHardeningTests {
                 "HTTP_PORT": String(port), "HTTP_IDLE_TIMEOUT": "1", "WECHAT_QUEUE_PREFIX": TestServices.unique("idle"),
                 "LOG_LEVEL": "warning",
             ], logPath: log)
-        try await eventuallyTrue("the ingress listens") { canConnect(port: port) }
+        try await eventually("the ingress listens") { canConnect(port: port) }
         // Half a request head, then silence; and a connection that sends nothing at all.
         let script = """
             import socket, sys
@@ -139,16 +139,21 @@ struct IngressHardeningTests {
     }
 }
 
-/// Polls `condition` for at most `seconds` (no event announces these states).
-func eventuallyTrue(_ what: String, within seconds: Int = 30, _ condition: () async throws -> Bool) async throws {
-    let deadline = ContinuousClock.now + .seconds(seconds)
-    while ContinuousClock.now < deadline {
-        if try await condition() { return }
-        try await Task.sleep(for: .milliseconds(50))
+/// #6: the fuzz corpus (Fuzz/corpus, seeds and what earlier fuzz runs kept) replays through every
+/// fuzz target of the normal build without a crash; `ops/fuzz` runs libFuzzer itself.
+@Suite("Fuzz corpus replay", .enabled(if: TestServices.environment["WR_BIN_DIR"] != nil || TestServices.isCI))
+struct FuzzReplayTests {
+    @Test(arguments: ["query", "xml", "decrypt", "inbound"])
+    func corpusReplays(target: String) async throws {
+        let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let corpus = root.appendingPathComponent("Fuzz/corpus/\(target)").path
+        let out = try await runCommand("/usr/bin/env", ["FUZZ_TARGET=\(target)", "\(bin)/relay-fuzz", corpus])
+        #expect(out.hasPrefix("\(target): replayed "), "\(out)")
+        #expect(!out.hasPrefix("\(target): replayed 0 "))
     }
-    Issue.record("timed out waiting for: \(what)")
-    throw CancellationError()
 }
+
 
 @Suite("Log safety")
 struct LogSafetyTests {

@@ -284,3 +284,21 @@ public final class PrivateRedis: Sendable {
 
     deinit { process.withLock { $0 }?.kill() }
 }
+
+/// Waits for `condition` with a bound; for states no event announces, it polls every 50 ms
+/// (never an assertion on time). Throws ``TimedOut`` (failing the test) when the bound runs out.
+public func eventually(_ what: String, within seconds: Int = 30, _ condition: () async throws -> Bool) async throws {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(50))
+    }
+    throw TimedOut(what: what, seconds: seconds)
+}
+
+/// A bounded wait of ``eventually(_:within:_:)`` ran out.
+public struct TimedOut: Error, CustomStringConvertible {
+    public let what: String
+    public let seconds: Int
+    public var description: String { "timed out after \(seconds) s waiting for: \(what)" }
+}

@@ -42,7 +42,7 @@ struct Stack: Sendable {
         var config = try AMQPConfiguration(url: TestServices.amqpURL(), connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
         let amqp = try await AMQPConnection.connect(configuration: config, topology: topology.inbound, logger: workerLogger)
-        let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
+        let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID, prefix: topology.prefix), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
         return Worker(
             amqp: amqp, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
             rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
@@ -78,7 +78,7 @@ struct Stack: Sendable {
     var deadLetters: DeadLetterTool { DeadLetterTool(amqp: pusher, topology: topology) }
 }
 
-func withStack(quota: Int = 5, _ body: @escaping @Sendable (Stack) async throws -> Void) async throws {
+func withStack(quota: Int = 5, shards: Int = 2, _ body: @escaping @Sendable (Stack) async throws -> Void) async throws {
     let appID = "wxw\(UInt32.random(in: 0 ... .max))"
     var settings = FakePlatform.Settings(appID: appID, secret: "s3cret")
     settings.messageQuota = quota
@@ -89,15 +89,16 @@ func withStack(quota: Int = 5, _ body: @escaping @Sendable (Stack) async throws 
     try await api.test(.live) { apiClient in
         let apiURL = "http://127.0.0.1:\(try #require(apiClient.port))"
         let redis = RedisPool(configuration: try RedisConfiguration(url: TestServices.redisURL()), size: 16, logger: workerLogger)
+        let prefix = TestServices.unique("worker")
         let tokendConfig = try TokendConfiguration(RelayEnvironment([
             "WECHAT_APPID": appID, "WECHAT_SECRET": "s3cret", "TOKEND_SECRET": "bearer", "REDIS_URL": try TestServices.redisURL(),
-            "WECHAT_API_URL": apiURL,
+            "WECHAT_API_URL": apiURL, "WECHAT_QUEUE_PREFIX": prefix,
         ]))
         let tokend = Tokend(configuration: tokendConfig, redis: redis, logger: workerLogger)
         _ = try await tokend.accessToken.refresh(.missing)
         let tokendApp = Application(router: buildTokendRouter(tokend), configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: workerLogger)
         try await tokendApp.test(.live) { tokendClient in
-            let topology = WeChatTopology(prefix: TestServices.unique("worker"), shardCount: 2)
+            let topology = WeChatTopology(prefix: prefix, shardCount: shards)
             let pusher = try await AMQPConnection.connect(
                 configuration: AMQPConfiguration(url: TestServices.amqpURL()), topology: topology.inbound, logger: workerLogger)
             let stack = Stack(
