@@ -159,6 +159,7 @@ final class ConnectionCore {
 
     /// Adds a caller to be told when a connection is up (or fails for good).
     func waitConnected(_ waiter: CheckedContinuation<Void, any Error>, id: Int? = nil) {
+        if let id, conn != nil || closing || finished { cancelledWaiters.remove(id) }
         if conn != nil { waiter.resume(); return }
         if closing || finished { waiter.resume(throwing: AMQPError(.closed, "the connection was closed")); return }
         if let id, cancelledWaiters.remove(id) != nil { waiter.resume(throwing: CancellationError()); return }

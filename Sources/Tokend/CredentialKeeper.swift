@@ -114,6 +114,8 @@ public actor CredentialKeeper {
     /// replica's) compares again with `stale` afterwards, and refreshes if the rejected value
     /// is still the current one.
     public func refresh(_ reason: RefreshReason, stale: String? = nil) async throws -> StoredCredential {
+        // A reader with a valid stored value neither joins a refresh (nor inherits its error) nor waits.
+        if reason == .missing, let c = try await current(), c.isValid(at: now()) { return c }
         while let running = inflight {
             joiners += 1
             let result: StoredCredential
@@ -204,7 +206,7 @@ public actor CredentialKeeper {
             // success; the next proactive call waits for the renewal point, not the margin.
             let expiresAt = now + Int64(fetched.expiresIn)
             // Past the renewal point already: the value is renewed when it expires at the latest.
-            quietUntil = expiresAt - Self.renewalWindow > now ? expiresAt - Self.renewalWindow : expiresAt
+            quietUntil = expiresAt - Self.renewalWindow > now ? expiresAt - Self.renewalWindow : min(expiresAt, now + 30)
             logger.debug("upstream returned the stored value; next check at its renewal point", metadata: ["tokend.kind": "\(kind)"])
             return StoredCredential(value: before.value, expiresAt: min(before.expiresAt, expiresAt), fetchedAt: before.fetchedAt)
         }

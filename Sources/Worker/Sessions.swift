@@ -79,7 +79,7 @@ public struct SessionStore: Sendable {
 
     public init(
         redis: RedisPool, appID: String, prefix: String = "wechat", sessionTTL: Int = 30 * 86400, recordTTL: Int = 86400,
-        finishedTTL: Int = 900
+        finishedTTL: Int = 3600
     ) {
         self.redis = redis
         self.appID = appID

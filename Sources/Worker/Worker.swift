@@ -184,10 +184,25 @@ public final class Worker: Sendable {
         let membership = configured
         let view = Shared<[String]?>(nil)
         let interval = membership.interval
-        var runners: [Int: ShardRunner] = [:]
         consuming.store(1, ordering: .relaxed)
         defer { consuming.store(0, ordering: .relaxed) }
         stopping.clear()
+        // `stopping` is set the moment shutdown starts (not when the loop notices), so that a
+        // send's mark that keeps failing cannot hold a hand-over, and with it the shutdown, forever.
+        let stopping = self.stopping
+        await withTaskCancellationHandler {
+            await withGracefulShutdownHandler {
+                await self.assign(membership: membership, view: view, interval: interval, limiter: limiter)
+            } onGracefulShutdown: {
+                stopping.set()
+            }
+        } onCancel: {
+            stopping.set()
+        }
+    }
+
+    private func assign(membership: Membership, view: Shared<[String]?>, interval: Duration, limiter: Limiter) async {
+        var runners: [Int: ShardRunner] = [:]
         await withTaskGroup(of: Void.self) { tasks in
             tasks.addTask { [logger, metrics] in
                 while !Task.isCancelled {
@@ -215,8 +230,10 @@ public final class Worker: Sendable {
                 tick += 1
                 if tick % 4 == 0 {
                     for (shard, runner) in runners where runner.isAlive {
-                        let info = try? await amqp.queueInfo(retry.base.shardQueue(shard))
-                        if info?.consumerCount ?? 0 == 0 { runner.markEnded() }
+                        // Only a definite answer counts: a failed check is not "no consumer".
+                        if let info = try? await amqp.queueInfo(retry.base.shardQueue(shard)), info.consumerCount == 0 {
+                            runner.markEnded()
+                        }
                     }
                 }
                 for (shard, runner) in runners where !runner.isAlive {
@@ -244,6 +261,8 @@ public final class Worker: Sendable {
             // Shutting down: leave the membership first, so that the others take the shards
             // as soon as this worker's channels close; then hand every shard back at once.
             tasks.cancelAll()
+            // The heartbeat must have stopped, or a ZADD in flight could re-add us after the ZREM.
+            await tasks.waitForAll()
             await membership.leave()
             stopping.set()
             await Self.release(Array(runners.values))

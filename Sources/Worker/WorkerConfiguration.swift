@@ -53,7 +53,7 @@ public struct WorkerConfiguration: Sendable {
         concurrency = try env.int("WORKER_CONCURRENCY", default: 64, range: 1...10_000)
         metricsPort = try env.port("METRICS_PORT", default: 9100)
         sessionTTL = try env.int("WORKER_SESSION_TTL", default: 30 * 86400, range: 60...(365 * 86400))
-        finishedTTL = try env.int("WORKER_FINISHED_TTL", default: 900, range: 60...86400)
+        finishedTTL = try env.int("WORKER_FINISHED_TTL", default: 3600, range: 60...86400)
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
         topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
     }
