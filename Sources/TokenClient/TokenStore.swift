@@ -51,15 +51,18 @@ public final class TokenClient: Sendable {
     private let tokendSecret: String?
     private let http: HTTPClient
     private let cacheFor: Duration
+    private let tokendTimeout: Duration
     private let cache = Mutex<(credential: StoredCredential, until: ContinuousClock.Instant)?>(nil)
 
     /// - Parameters:
     ///   - tokendURL: tokend's base URL; when nil a rejected token is only re-read from Redis.
     ///   - cacheFor: how long a value read from Redis is reused without asking again.
+    ///   - tokendTimeout: the deadline of a refresh request to tokend.
     public init(
         redis: any RedisCommands, keys: TokenKeys, tokendURL: String?, tokendSecret: String?, http: HTTPClient = .shared,
-        cacheFor: Duration = .seconds(5)
+        cacheFor: Duration = .seconds(5), tokendTimeout: Duration = .seconds(10)
     ) {
+        self.tokendTimeout = tokendTimeout
         self.redis = redis
         self.keys = keys
         self.tokendURL = tokendURL
@@ -105,7 +108,7 @@ public final class TokenClient: Sendable {
         request.headers.add(name: "Content-Type", value: "application/json")
         if let tokendSecret { request.headers.add(name: "Authorization", value: "Bearer \(tokendSecret)") }
         request.body = .bytes(ByteBuffer(bytes: try JSONEncoder().encode(["stale_token": stale])))
-        let response = try await http.execute(request, timeout: .seconds(10))
+        let response = try await http.execute(request, timeout: .nanoseconds(Int64(tokendTimeout.components.seconds) * 1_000_000_000 + tokendTimeout.components.attoseconds / 1_000_000_000))
         let body = try await response.body.collect(upTo: 1 << 16)
         guard response.status == .ok,
             let answer = try? JSONDecoder().decode(AccessTokenAnswer.self, from: Data(body.readableBytesView))

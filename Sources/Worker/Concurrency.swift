@@ -90,9 +90,6 @@ final class Chains: Sendable {
         }
     }
 
-    /// Jobs pending for `key` (queued or running).
-    func pending(_ key: String) -> Int { state.withLock { $0.pending[key, default: 0] } }
-
     private func finished(_ key: String, _ id: Int) {
         let ready = state.withLock { s -> [CheckedContinuation<Void, Never>] in
             if s.tails[key]?.id == id { s.tails[key] = nil }

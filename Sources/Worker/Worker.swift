@@ -165,7 +165,7 @@ public final class Worker: Sendable {
     }
 
     /// The membership heartbeat's timing (tests shorten it).
-    public var membershipTiming: (interval: Duration, ttl: Duration) {
+    package var membershipTiming: (interval: Duration, ttl: Duration) {
         get { timing.withLock { $0 } }
         set { timing.withLock { $0 = newValue } }
     }

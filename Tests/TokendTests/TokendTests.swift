@@ -255,8 +255,11 @@ struct TokenClientTests {
             let app = Application(router: buildTokendRouter(tokend), configuration: .init(address: .hostname("127.0.0.1", port: 0)))
             try await app.test(.live) { c in
                 let port = try #require(c.port)
+                // A generous deadline: this test is about one refresh for many callers, and a full
+                // test run on two cores can hold a request back for longer than the production 10 s.
                 let client = TokenClient(
-                    redis: tokend.redis, keys: TokenKeys(appID: appID), tokendURL: "http://127.0.0.1:\(port)", tokendSecret: bearer)
+                    redis: tokend.redis, keys: TokenKeys(appID: appID), tokendURL: "http://127.0.0.1:\(port)", tokendSecret: bearer,
+                    tokendTimeout: .seconds(60))
                 #expect(try await client.accessToken() == first)
                 // Many workers report the same rejected token: one refresh, one new token for all.
                 let renewed = try await withThrowingTaskGroup(of: String.self) { group in
@@ -279,8 +282,10 @@ struct TokenClientTests {
     }
 }
 
-/// Regression tests of the hardening issue (#13), tokend part.
-@Suite("tokend hardening", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+/// Regression tests of the hardening issue (#13), tokend part. Serialized: the virtual-clock
+/// lifetimes make tens of thousands of Redis calls, and three at once starved the HTTP
+/// deadlines of other tests in a full run.
+@Suite("tokend hardening", .serialized, .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
 struct TokendHardeningTests {
     /// A clock the test moves.
     final class VirtualClock: Sendable {
@@ -365,8 +370,8 @@ struct TokendHardeningTests {
         var started = proactiveStarted.makeAsyncIterator()
         await started.next()
         let passive = Task { try await keeper.refresh(.passive, stale: "T1") }
-        // Let the passive request reach the keeper (an actor: it queues behind nothing else), then release.
-        while await !keeper.hasWaiters { await Task.yield() }
+        // Release the proactive fetch once the passive request has joined it.
+        try await eventually("the passive request joined the refresh in flight") { await keeper.hasWaiters }
         gate.withLock { $0 }?.resume()
         #expect(try await proactive.value.value == "T1")
         #expect(try await passive.value.value == "T2")

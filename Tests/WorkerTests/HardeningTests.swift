@@ -133,8 +133,7 @@ struct WorkerHardeningTests {
     /// shard runner: that shard was never consumed again while /readyz stayed 200.
     @Test func aCancelledConsumerIsReplaced() async throws {
         try await withStack { s in
-            let w = try await s.worker()
-            w.membershipTiming = (.milliseconds(200), .seconds(2))
+            let w = try await s.worker(membership: (.milliseconds(200), .seconds(2)))
             try await running([w]) {
                 await w.waitUntilOwning(s.topology.shardCount)
                 #expect(w.isConsuming)
@@ -226,10 +225,8 @@ struct WorkerHardeningTests {
     /// worker took every shard.
     @Test func aMembershipErrorReplyTakesNoShards() async throws {
         try await withStack { s in
-            let a = try await s.worker()
-            a.membershipTiming = (.milliseconds(200), .seconds(2))
-            let b = try await s.worker()
-            b.membershipTiming = (.milliseconds(200), .seconds(2))
+            let a = try await s.worker(membership: (.milliseconds(200), .seconds(2)))
+            let b = try await s.worker(membership: (.milliseconds(200), .seconds(2)))
             try await running([a]) {
                 await a.waitUntilOwning(s.topology.shardCount)
                 // The membership key now holds a string: ZADD answers WRONGTYPE.
@@ -249,10 +246,8 @@ struct WorkerHardeningTests {
     /// send stopped the heartbeat and the other worker took every shard meanwhile.
     @Test func aSlowHandoverKeepsTheHeartbeat() async throws {
         try await withStack(quota: 100) { s in
-            let a = try await s.worker()
-            a.membershipTiming = (.milliseconds(200), .seconds(1))
-            let b = try await s.worker()
-            b.membershipTiming = (.milliseconds(200), .seconds(1))
+            let a = try await s.worker(membership: (.milliseconds(200), .seconds(1)))
+            let b = try await s.worker(membership: (.milliseconds(200), .seconds(1)))
             try await running([a]) {
                 await a.waitUntilOwning(s.topology.shardCount)
                 // A send on every shard that takes three heartbeat lifetimes.

@@ -37,16 +37,18 @@ struct Stack: Sendable {
     ///   - retryDelays: the delay queues' delays (short ones for tests that go through them all).
     func worker(
         rules: ReplyRules = .defaults, concurrency: Int = 16, sessions: RedisPool? = nil,
-        retryDelays: [Duration] = RetryTopology.defaultDelays
+        retryDelays: [Duration] = RetryTopology.defaultDelays, membership: (interval: Duration, ttl: Duration)? = nil
     ) async throws -> Worker {
         var config = try AMQPConfiguration(url: TestServices.amqpURL(), connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
         let amqp = try await AMQPConnection.connect(configuration: config, topology: topology.inbound, logger: workerLogger)
         let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID, prefix: topology.prefix), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
-        return Worker(
+        let worker = Worker(
             amqp: amqp, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
             rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
             retryDelays: retryDelays)
+        if let membership { worker.membershipTiming = membership }
+        return worker
     }
 
     /// Publishes a push as the ingress would, after telling the fake platform (which opens the window).
