@@ -4,9 +4,22 @@
 /// percent-decoded, so the default virtual host `/` is written `%2F`. An empty
 /// path (`amqp://host`) also selects `/`, following the RabbitMQ URI spec's
 /// common usage.
+///
+/// Several URLs separated by commas name the nodes of a cluster (same credentials and
+/// virtual host in each): the connection uses the first that answers and, after a loss,
+/// tries the others (see ``ConnectionStateMachine``).
 public struct AMQPConfiguration: Sendable {
-    public var host: String
-    public var port: Int
+    /// The first broker address (``addresses`` has them all).
+    public var host: String {
+        get { addresses[0].host }
+        set { addresses[0].host = newValue }
+    }
+    public var port: Int {
+        get { addresses[0].port }
+        set { addresses[0].port = newValue }
+    }
+    /// Every broker address, in the order given; tried in turn.
+    public private(set) var addresses: [(host: String, port: Int)]
     public var user: String
     public var password: String
     public var virtualHost: String
@@ -21,10 +34,33 @@ public struct AMQPConfiguration: Sendable {
     public var maxReconnectDelay: Duration
     /// Largest frame size we propose (the broker may lower it).
     public var frameMax: Int32
+    /// Publishes handed to the connection and not yet confirmed, at most; beyond it a
+    /// publish fails at once with ``AMQPError/Code/flowControl`` (bounded memory when the
+    /// broker is slow or blocked).
+    public var maxPendingPublishes: Int
+    /// Largest message body accepted (RabbitMQ's default `max_message_size` is 128 MiB); a
+    /// larger one fails alone with ``AMQPError/Code/invalidMessage`` instead of closing the channel.
+    public var maxMessageSize: Int
 
-    /// Parses an `amqp://` URL.
+    /// Parses an `amqp://` URL, or several separated by commas.
     /// - Throws: ``AMQPError/Code/invalidURL`` naming what is wrong (never echoing the password).
     public init(url: String, connectionName: String? = nil) throws {
+        let parts = url.split(separator: ",", omittingEmptySubsequences: false).map {
+            String($0.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
+        }
+        guard let first = parts.first else { throw AMQPError(.invalidURL, "AMQP URL is empty") }
+        try self.init(single: first, connectionName: connectionName)
+        for (i, part) in parts.enumerated().dropFirst() {
+            guard !part.isEmpty else { throw AMQPError(.invalidURL, "AMQP URL list has an empty entry (number \(i + 1))") }
+            let other = try AMQPConfiguration(single: part, connectionName: connectionName)
+            guard other.user == user, other.password == password, other.virtualHost == virtualHost else {
+                throw AMQPError(.invalidURL, "every URL in an AMQP URL list must have the same user, password and virtual host (number \(i + 1) differs)")
+            }
+            addresses.append((other.host, other.port))
+        }
+    }
+
+    private init(single url: String, connectionName: String?) throws {
         guard let schemeEnd = url.range(of: "://") else {
             throw AMQPError(.invalidURL, "AMQP URL must start with amqp://")
         }
@@ -91,8 +127,7 @@ public struct AMQPConfiguration: Sendable {
         } else {
             vhost = "/"
         }
-        self.host = host
-        self.port = port
+        self.addresses = [(host, port)]
         self.user = user
         self.password = password
         self.virtualHost = vhost
@@ -102,12 +137,28 @@ public struct AMQPConfiguration: Sendable {
         self.minReconnectDelay = .milliseconds(100)
         self.maxReconnectDelay = .seconds(5)
         self.frameMax = 131_072
+        self.maxPendingPublishes = 10_000
+        self.maxMessageSize = 128 << 20
     }
 
-    /// The URL without the password, for log lines.
+    /// The URL without the password, for log lines (every address, when there are several).
     public var redactedURL: String {
+        redacted(addresses.map { Self.place($0.host, $0.port) }.joined(separator: ","))
+    }
+
+    /// One address's URL without the password.
+    public func redactedURL(address i: Int) -> String {
+        guard addresses.indices.contains(i) else { return redactedURL }
+        return redacted(Self.place(addresses[i].host, addresses[i].port))
+    }
+
+    private func redacted(_ places: String) -> String {
         let vhost = virtualHost == "/" ? "%2F" : virtualHost
-        return "amqp://\(user)@\(host.contains(":") ? "[\(host)]" : host):\(port)/\(vhost)"
+        return "amqp://\(user)@\(places)/\(vhost)"
+    }
+
+    private static func place(_ host: String, _ port: Int) -> String {
+        "\(host.contains(":") ? "[\(host)]" : host):\(port)"
     }
 
     private static func decode(_ text: Substring, what: String) throws -> String {

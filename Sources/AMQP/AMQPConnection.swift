@@ -10,7 +10,14 @@ import Synchronization
 /// consumer. It reconnects by itself with exponential backoff, declares its
 /// topology again and resumes its consumers; publishes in flight when the
 /// connection breaks fail with ``AMQPError/Code/connectionLost`` so callers
-/// can answer quickly, and new publishes work again once it is back.
+/// can answer quickly, and new publishes work again once it is back. While the
+/// broker blocks publishing (a memory or disk alarm), publishes fail at once with
+/// ``AMQPError/Code/flowControl`` and ``isReady`` is false.
+///
+/// Inside, a pure state machine (``ConnectionStateMachine``) and two trackers
+/// (``ConfirmTracker``, ``ConsumerTable``) decide; the connection's thread
+/// (``ConnectionCore``) carries their decisions out through ``Wire``, the one
+/// object that calls librabbitmq.
 ///
 /// ```swift
 /// let amqp = try await AMQPConnection.connect(
@@ -78,8 +85,15 @@ public final class AMQPConnection: Sendable {
         thread.start()
     }
 
-    /// Whether the connection is up right now (for readiness probes).
+    /// Whether the connection is up right now.
     public var isConnected: Bool { mailbox.isConnected }
+
+    /// Whether the broker blocks publishing on this connection right now (`connection.blocked`:
+    /// a memory or disk alarm).
+    public var isBlocked: Bool { mailbox.isBlocked }
+
+    /// Whether a publish can go through now (for readiness probes): connected and not blocked.
+    public var isReady: Bool { mailbox.isConnected && !mailbox.isBlocked }
 
     /// Publishes awaiting the broker's confirm right now (for metrics).
     public var confirmsInFlight: Int { mailbox.confirmsInFlight }
@@ -112,14 +126,30 @@ public final class AMQPConnection: Sendable {
     ///     with ``AMQPError/Code/unroutable`` instead of vanishing.
     ///   - confirmTimeout: fail with ``AMQPError/Code/confirmTimeout`` if no confirm arrives in time.
     /// - Throws: ``AMQPError``: `notConnected` at once while the connection is down;
-    ///   `connectionLost`, `nacked`, `unroutable`, `channelClosed`, `confirmTimeout`.
+    ///   `flowControl` at once while the broker blocks publishing or
+    ///   ``AMQPConfiguration/maxPendingPublishes`` are waiting; `invalidMessage` and
+    ///   `exchangeNotFound` for this message alone; `connectionLost`, `nacked`,
+    ///   `unroutable`, `channelClosed`, `confirmTimeout`.
     public func publish(
         _ message: AMQPMessage, exchange: String, routingKey: String, mandatory: Bool = true,
         confirmTimeout: Duration? = nil
     ) async throws {
         try message.validate(exchange: exchange, routingKey: routingKey)
+        guard message.body.count <= configuration.maxMessageSize else {
+            throw AMQPError(
+                .invalidMessage, "the body is \(message.body.count) bytes; the limit is \(configuration.maxMessageSize)")
+        }
         guard mailbox.isConnected else {
             throw AMQPError(.notConnected, "not connected to \(configuration.redactedURL)")
+        }
+        if mailbox.isBlocked {
+            throw AMQPError(.flowControl, "the broker blocked publishing (a memory or disk alarm); nothing was sent")
+        }
+        let waiting = mailbox.publishes.wrappingAdd(1, ordering: .relaxed).newValue
+        defer { mailbox.publishes.wrappingSubtract(1, ordering: .relaxed) }
+        guard waiting <= configuration.maxPendingPublishes else {
+            throw AMQPError(
+                .flowControl, "\(configuration.maxPendingPublishes) publishes are waiting for the broker already; nothing was sent")
         }
         let deadline = confirmTimeout.map { ContinuousClock.now + $0 }
         try await run { core, c in
@@ -139,12 +169,11 @@ public final class AMQPConnection: Sendable {
     {
         let id = ConsumerIDs.next()
         let (stream, continuation) = AsyncThrowingStream<AMQPDelivery, any Error>.makeStream()
-        let record = ConsumerRecordBox(
-            id: id, queue: queue, prefetch: prefetch, arguments: arguments, continuation: continuation)
+        let spec = ConsumerSpec(queue: queue, prefetch: prefetch, arguments: arguments)
         continuation.onTermination = { [mailbox] _ in
             _ = mailbox.submit { core in core.cancelConsumer(id: id, nil) }
         }
-        try await run { core, c in core.addConsumer(record.make(), c) }
+        try await run { core, c in core.addConsumer(id: id, spec: spec, sink: continuation, c) }
         return AMQPConsumer(stream: stream, id: id, connection: self)
     }
 
@@ -186,7 +215,7 @@ public final class AMQPConnection: Sendable {
     /// Queues an ack/nack/reject for the connection thread without waiting for it:
     /// settlements need no reply from the broker, and waiting would cost a thread
     /// hand-off per message. The mailbox is FIFO, so a later ``close()`` sends them first.
-    func settle(_ delivery: AMQPDelivery, _ how: ConnectionCore.Settlement) throws {
+    func settle(_ delivery: AMQPDelivery, _ how: Wire.Settlement) throws {
         guard delivery.generation == mailbox.generation else {
             throw AMQPError(
                 .staleDelivery,
@@ -228,19 +257,6 @@ extension AMQPConnection: Service {
     public func run() async throws {
         try? await gracefulShutdown()
         await close()
-    }
-}
-
-/// Carries the consumer's parameters to the connection thread, where the record is made.
-private struct ConsumerRecordBox: Sendable {
-    let id: Int
-    let queue: String
-    let prefetch: UInt16
-    let arguments: AMQPTable
-    let continuation: AsyncThrowingStream<AMQPDelivery, any Error>.Continuation
-
-    func make() -> ConsumerRecord {
-        ConsumerRecord(id: id, queue: queue, prefetch: prefetch, arguments: arguments, continuation: continuation)
     }
 }
 

@@ -10,6 +10,10 @@ public struct AMQPDelivery: Sendable {
     let generation: UInt64
     let connection: AMQPConnection
 
+    /// Whether the connection this delivery came on has broken since: the broker has already
+    /// put the message back (it will come again), so it must not be processed or settled.
+    public var isStale: Bool { generation != connection.mailbox.generation }
+
     /// Acknowledges the delivery: the broker forgets the message.
     ///
     /// The ack is queued for the connection's thread and sent in order with other
@@ -33,6 +37,9 @@ public struct AMQPDelivery: Sendable {
 /// connection closes, and throws if the broker cancels the consumer for good
 /// (for example because its queue was deleted). Ending the iteration (for
 /// example by cancelling the iterating task) also cancels the consumer.
+///
+/// Deliveries received before a connection broke and not yet read are skipped: the
+/// broker requeued them when the connection went, and delivers them again.
 public struct AMQPConsumer: AsyncSequence, Sendable {
     public typealias Element = AMQPDelivery
 
@@ -40,8 +47,18 @@ public struct AMQPConsumer: AsyncSequence, Sendable {
     let id: Int
     let connection: AMQPConnection
 
-    public func makeAsyncIterator() -> AsyncThrowingStream<AMQPDelivery, any Error>.AsyncIterator {
-        stream.makeAsyncIterator()
+    public func makeAsyncIterator() -> Iterator { Iterator(base: stream.makeAsyncIterator()) }
+
+    /// Reads the deliveries, skipping stale ones.
+    public struct Iterator: AsyncIteratorProtocol {
+        var base: AsyncThrowingStream<AMQPDelivery, any Error>.AsyncIterator
+
+        public mutating func next() async throws -> AMQPDelivery? {
+            while let d = try await base.next() {
+                if !d.isStale { return d }
+            }
+            return nil
+        }
     }
 
     /// Stops new deliveries (`basic.cancel`). Deliveries already received stay valid

@@ -33,6 +33,11 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
         /// A message the protocol cannot carry (for example a short-string property over
         /// 255 bytes); refused before anything was written, so the connection is untouched.
         case invalidMessage
+        /// The broker blocked publishing (a memory or disk alarm), or too many publishes are
+        /// waiting already; nothing was sent. Retry later.
+        case flowControl
+        /// The exchange does not exist; nothing was published (and nothing else failed with it).
+        case exchangeNotFound
     }
 
     /// What went wrong.
@@ -51,9 +56,10 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
     /// Whether the same operation may succeed if retried later (for example after a reconnection).
     public var isRetriable: Bool {
         switch code {
-        case .connectionFailed, .notConnected, .connectionLost, .nacked, .confirmTimeout, .channelClosed:
+        case .connectionFailed, .notConnected, .connectionLost, .nacked, .confirmTimeout, .channelClosed, .flowControl:
             return true
-        case .invalidURL, .authenticationFailed, .unroutable, .closed, .protocolError, .staleDelivery, .invalidMessage:
+        case .invalidURL, .authenticationFailed, .unroutable, .closed, .protocolError, .staleDelivery, .invalidMessage,
+            .exchangeNotFound:
             return false
         }
     }

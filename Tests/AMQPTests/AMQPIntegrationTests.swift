@@ -184,18 +184,46 @@ struct AMQPIntegrationTests {
         await cleanUp(amqp, name)
     }
 
-    @Test func publishToMissingExchangeFailsAndChannelRecovers() async throws {
+    /// A publish to a missing exchange fails alone: publishes in flight around it on the
+    /// shared publish channel still confirm (a channel error would have failed them all).
+    @Test func publishToMissingExchangeFailsAlone() async throws {
         let name = TestServices.unique("noexchange")
         let amqp = try await connectToTestBroker(topology: testTopology(name))
-        await #expect {
-            try await amqp.publish(AMQPMessage("x"), exchange: "\(name).missing", routingKey: "k")
-        } throws: { error in
-            guard let e = error as? AMQPError else { return false }
-            return e.code == .channelClosed && e.status == 404
+        let outcomes = await withTaskGroup(of: (Int, AMQPError?).self) { group in
+            for i in 0..<200 {
+                group.addTask {
+                    let exchange = i == 100 ? "\(name).missing" : "\(name).x"
+                    do {
+                        try await amqp.publish(AMQPMessage("m\(i)"), exchange: exchange, routingKey: "k")
+                        return (i, nil)
+                    } catch {
+                        return (i, error as? AMQPError ?? AMQPError(.protocolError, "\(error)"))
+                    }
+                }
+            }
+            var all: [Int: AMQPError?] = [:]
+            for await (i, e) in group { all[i] = e }
+            return all
         }
+        let failed = outcomes.filter { $0.value != nil }
+        #expect(failed.keys.sorted() == [100])
+        #expect(failed[100]??.code == .exchangeNotFound && failed[100]??.status == 404)
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == 199)
         try await amqp.publish(AMQPMessage("ok"), exchange: "\(name).x", routingKey: "k")
-        #expect(try await amqp.queueInfo("\(name).q").messageCount == 1)
         await cleanUp(amqp, name)
+    }
+
+    @Test func anOversizedBodyFailsAlone() async throws {
+        let name = TestServices.unique("oversized")
+        var config = try AMQPConfiguration(url: TestServices.amqpURL(), connectionName: "amqp-tests")
+        config.maxMessageSize = 1000
+        let amqp = try await AMQPConnection.connect(configuration: config, topology: testTopology(name), logger: testLogger)
+        await #expect {
+            try await amqp.publish(AMQPMessage(body: [UInt8](repeating: 1, count: 1001)), exchange: "\(name).x", routingKey: "k")
+        } throws: { ($0 as? AMQPError)?.code == .invalidMessage }
+        try await amqp.publish(AMQPMessage(body: [UInt8](repeating: 1, count: 1000)), exchange: "\(name).x", routingKey: "k")
+        await cleanUp(amqp, name)
+        await amqp.close()
     }
 
     @Test func conflictingDeclarationIsAClearErrorAndTheConnectionStaysUsable() async throws {

@@ -89,6 +89,11 @@ public final class PrivateServices: Sendable {
     public func stopRedis() async throws { try await runCommand(script, ["redis-stop", directory]) }
     public func startRedis() async throws { try await runCommand(script, ["redis-start", directory]) }
     public func stopAll() async { _ = try? await runCommand(script, ["stop", directory]) }
+    /// Runs `rabbitmqctl` against this broker (for example to raise a memory alarm).
+    @discardableResult
+    public func rabbitmqctl(_ arguments: [String]) async throws -> String {
+        try await runCommand(script, ["rabbitmqctl", directory] + arguments)
+    }
 
     /// Starts private services, runs `body`, and stops them whether `body` throws or not.
     public static func with<T>(opsRabbitMQ: Bool = false, _ body: (PrivateServices) async throws -> T) async throws -> T {
@@ -300,5 +305,9 @@ public func eventually(_ what: String, within seconds: Int = 30, _ condition: ()
 public struct TimedOut: Error, CustomStringConvertible {
     public let what: String
     public let seconds: Int
+    public init(what: String, seconds: Int) {
+        self.what = what
+        self.seconds = seconds
+    }
     public var description: String { "timed out after \(seconds) s waiting for: \(what)" }
 }

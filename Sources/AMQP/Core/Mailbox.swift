@@ -1,4 +1,4 @@
-import CRabbitMQ
+import Glibc
 import Synchronization
 
 /// The hand-off between callers on any thread and a connection's own thread.
@@ -20,14 +20,22 @@ final class Mailbox: Sendable {
     private let wakeRead: Int32
     private let wakeWrite: Int32
     private let connected = Atomic<Bool>(false)
+    private let blocked = Atomic<Bool>(false)
+    /// Publishes handed over and not yet answered (bounds the hand-off).
+    let publishes = Atomic<Int>(0)
     private let inFlight = Atomic<Int>(0)
     /// The generation of the live connection, 0 while disconnected.
     private let liveGeneration = Atomic<UInt64>(0)
 
     init() throws {
         var fds: [Int32] = [-1, -1]
-        let r = wr_wake_pipe(&fds)
-        guard r == 0 else { throw AMQPError(.connectionFailed, "cannot create the wake-up pipe (errno \(-r))") }
+        guard pipe(&fds) == 0 else {
+            throw AMQPError(.connectionFailed, "cannot create the wake-up pipe (errno \(errno))")
+        }
+        for fd in fds {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        }
         wakeRead = fds[0]
         wakeWrite = fds[1]
     }
@@ -46,7 +54,10 @@ final class Mailbox: Sendable {
             s.sleeping = false
             return (true, wake)
         }
-        if wake { wr_wake(wakeWrite) }
+        if wake {
+            var b: UInt8 = 1
+            _ = write(wakeWrite, &b, 1)  // EAGAIN: a wake-up is already pending
+        }
         return accepted
     }
 
@@ -66,9 +77,14 @@ final class Mailbox: Sendable {
             return true
         }
         guard mayBlock else { return }
-        let r = wr_poll2(socket, wakeRead, timeoutMs)
+        var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
+        if socket >= 0 { fds.append(pollfd(fd: socket, events: Int16(POLLIN), revents: 0)) }
+        let r = poll(&fds, nfds_t(fds.count), timeoutMs)
         state.withLock { $0.sleeping = false }
-        if r > 0, r & 2 != 0 { wr_drain(wakeRead) }
+        if r > 0, fds[0].revents != 0 {
+            var buf = [UInt8](repeating: 0, count: 64)
+            while read(wakeRead, &buf, buf.count) > 0 {}
+        }
     }
 
     func markFinished() { state.withLock { $0.finished = true } }
@@ -79,6 +95,9 @@ final class Mailbox: Sendable {
     }
     var generation: UInt64 { liveGeneration.load(ordering: .acquiring) }
     var isConnected: Bool { connected.load(ordering: .acquiring) }
+
+    func setBlocked(_ value: Bool) { blocked.store(value, ordering: .releasing) }
+    var isBlocked: Bool { blocked.load(ordering: .acquiring) }
 
     func setInFlight(_ value: Int) { inFlight.store(value, ordering: .relaxed) }
     var confirmsInFlight: Int { inFlight.load(ordering: .relaxed) }

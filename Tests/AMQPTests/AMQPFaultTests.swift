@@ -1,0 +1,184 @@
+import AMQP
+import Synchronization
+import TestSupport
+import Testing
+
+/// The connection cut (through ``AMQPProxy``) at each step of setting itself up: after
+/// login, during `confirm.select`, during the declarations and during a re-subscribe,
+/// 100 times each. Every attempt must be a clean reconnection: no crash (a double free
+/// here once killed the process), and the connection ends up working.
+@Suite("AMQP connection cut while it sets up", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(5)))
+struct AMQPFaultTests {
+    static let cutsPerStep = 100
+
+    func proxy() throws -> AMQPProxy {
+        try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
+    }
+
+    /// A reconnecting connection (no first-connect failure) that retries at once.
+    func connection(_ url: String, topology: AMQPTopology) throws -> AMQPConnection {
+        var config = try AMQPConfiguration(url: url, connectionName: "amqp-fault-tests")
+        config.minReconnectDelay = .milliseconds(1)
+        config.maxReconnectDelay = .milliseconds(5)
+        config.connectTimeout = .seconds(5)
+        return try AMQPConnection(configuration: config, topology: topology, logger: testLogger)
+    }
+
+    /// Cuts the first `cutsPerStep` connections when they send `method`, then lets one through.
+    func cutting(_ method: UInt32) -> AMQPProxy.CutRule {
+        let left = Locked(Self.cutsPerStep)
+        return { _, m in
+            guard m == method else { return false }
+            return left.withLock { n -> Bool in
+                guard n > 0 else { return false }
+                n -= 1
+                return true
+            }
+        }
+    }
+
+    @Test(arguments: [
+        ("after login", AMQPProxy.Method.channelOpen),
+        ("confirm.select", AMQPProxy.Method.confirmSelect),
+        ("declare", AMQPProxy.Method.queueDeclare),
+    ])
+    func cutDuringSetUp(step: String, method: UInt32) async throws {
+        let proxy = try proxy()
+        defer { proxy.stop() }
+        proxy.setRule(cutting(method))
+        let name = TestServices.unique("cut")
+        let amqp = try connection(proxy.url, topology: testTopology(name))
+        try await withTimeout("connected after \(Self.cutsPerStep) cuts \(step)") { try await amqp.waitUntilConnected() }
+        #expect(proxy.cuts == Self.cutsPerStep)
+        #expect(proxy.accepted == Self.cutsPerStep + 1)
+        // The surviving connection works: a confirmed publish, then a delivery.
+        try await amqp.publish(AMQPMessage("after \(step)"), exchange: "\(name).x", routingKey: "k", confirmTimeout: .seconds(10))
+        let d = try await amqp.get(queue: "\(name).q")
+        #expect(d?.message.bodyString == "after \(step)")
+        try d?.ack()
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
+    @Test func cutDuringResubscribe() async throws {
+        let proxy = try proxy()
+        defer { proxy.stop() }
+        let name = TestServices.unique("cut-resub")
+        let amqp = try connection(proxy.url, topology: testTopology(name))
+        try await withTimeout("first connection") { try await amqp.waitUntilConnected() }
+        let consumer = try await amqp.consume(queue: "\(name).q", prefetch: 10)
+        // From now on, reconnections die when they re-subscribe, 100 times.
+        proxy.setRule(cutting(AMQPProxy.Method.basicConsume))
+        proxy.cutAll()
+        try await eventually("\(Self.cutsPerStep) cut re-subscribes") { proxy.cuts == Self.cutsPerStep }
+        try await withTimeout("reconnected") { try await amqp.waitUntilConnected() }
+        // The consumer survived all of it and receives what is published now.
+        try await eventually("a publish confirmed after the cuts") {
+            (try? await amqp.publish(AMQPMessage("resubscribed"), exchange: "\(name).x", routingKey: "k", confirmTimeout: .seconds(5))) != nil
+        }
+        let d = try await withTimeout("the delivery") { () -> AMQPDelivery? in
+            for try await d in consumer { return d }
+            return nil
+        }
+        #expect(d?.message.bodyString == "resubscribed")
+        try d?.ack()
+        await consumer.cancel()
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+}
+
+/// What a broken connection leaves behind, and several broker addresses.
+@Suite("AMQP connection loss", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(3)))
+struct AMQPConnectionLossTests {
+    func connection(_ url: String, topology: AMQPTopology) throws -> AMQPConnection {
+        var config = try AMQPConfiguration(url: url, connectionName: "amqp-loss-tests")
+        config.minReconnectDelay = .milliseconds(10)
+        config.maxReconnectDelay = .milliseconds(100)
+        return try AMQPConnection(configuration: config, topology: topology, logger: testLogger)
+    }
+
+    /// Deliveries buffered when the connection broke are never handed out: the broker
+    /// requeued them, and the consumer sees each message once more, as a redelivery.
+    @Test func deliveriesOfALostConnectionAreSkipped() async throws {
+        let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
+        defer { proxy.stop() }
+        let name = TestServices.unique("stale")
+        let amqp = try connection(proxy.url, topology: testTopology(name))
+        try await withTimeout("connected") { try await amqp.waitUntilConnected() }
+        let consumer = try await amqp.consume(queue: "\(name).q", prefetch: 20)
+        for i in 0..<5 { try await amqp.publish(AMQPMessage("m\(i)"), exchange: "\(name).x", routingKey: "k") }
+        // All five are out to this consumer (none ready in the queue), unread.
+        try await eventually("five deliveries in hand") { try await amqp.queueInfo("\(name).q").messageCount == 0 }
+        proxy.cutAll()
+        try await eventually("disconnected") { !amqp.isConnected }
+        try await withTimeout("reconnected") { try await amqp.waitUntilConnected() }
+        let seen = try await withTimeout("five deliveries after the break") { () -> [AMQPDelivery] in
+            var seen: [AMQPDelivery] = []
+            for try await d in consumer {
+                seen.append(d)
+                if seen.count == 5 { break }
+            }
+            return seen
+        }
+        #expect(seen.map { $0.message.bodyString ?? "" } == ["m0", "m1", "m2", "m3", "m4"])
+        #expect(seen.allSatisfy { $0.redelivered && !$0.isStale })
+        for d in seen { try d.ack() }
+        try await eventually("nothing left unacknowledged") {
+            let info = try await amqp.queueInfo("\(name).q")
+            return info.messageCount == 0
+        }
+        await consumer.cancel()
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
+    /// With several addresses, a node going away is a reconnection to the next.
+    @Test func severalAddressesFailOverToTheNext() async throws {
+        let target = try AMQPConfiguration(url: TestServices.amqpURL()).port
+        let first = try AMQPProxy(targetPort: target)
+        let second = try AMQPProxy(targetPort: target)
+        defer {
+            first.stop()
+            second.stop()
+        }
+        let dead = try freePort()
+        let url = "amqp://guest:guest@127.0.0.1:\(dead)/%2F, \(first.url),\(second.url)"
+        let name = TestServices.unique("addresses")
+        // `connect` tries every address before giving up: the dead one first, then `first`.
+        var config = try AMQPConfiguration(url: url, connectionName: "amqp-loss-tests")
+        #expect(config.addresses.map(\.port) == [dead, first.port, second.port])
+        #expect(!config.redactedURL.contains("guest:guest"))
+        config.minReconnectDelay = .milliseconds(10)
+        let amqp = try await AMQPConnection.connect(configuration: config, topology: testTopology(name), logger: testLogger)
+        #expect(first.accepted == 1 && second.accepted == 0)
+        try await amqp.publish(AMQPMessage("via first"), exchange: "\(name).x", routingKey: "k")
+        first.stop()  // the node goes away for good
+        try await eventually("reconnected through the second address") { second.accepted >= 1 && amqp.isConnected }
+        try await amqp.publish(AMQPMessage("via second"), exchange: "\(name).x", routingKey: "k", confirmTimeout: .seconds(10))
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == 2)
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
+    @Test func mismatchedCredentialsInAnAddressListAreRefused() {
+        #expect(throws: AMQPError.self) {
+            try AMQPConfiguration(url: "amqp://a:b@h1/%2F,amqp://a:c@h2/%2F")
+        }
+        #expect(throws: AMQPError.self) { try AMQPConfiguration(url: "amqp://h1,") }
+    }
+}
+
+/// Runs `body`, failing with ``TimedOut`` if it takes longer than `seconds`.
+func withTimeout<T: Sendable>(_ what: String, seconds: Int = 60, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: .seconds(seconds))
+            return nil
+        }
+        defer { group.cancelAll() }
+        guard let first = try await group.next(), let value = first else { throw TimedOut(what: what, seconds: seconds) }
+        return value
+    }
+}
