@@ -261,8 +261,10 @@ public func buildIngressRouter(_ handler: IngressHandler) -> Router<BasicRequest
     router.post("/wechat") { request, _ in await handler.receive(request) }
     router.get("/healthz") { _, _ in IngressHandler.text(.ok, "ok") }
     router.get("/readyz") { _, _ in
-        handler.amqp.isConnected
-            ? IngressHandler.text(.ok, "ready") : IngressHandler.text(.serviceUnavailable, "RabbitMQ connection is down")
+        if handler.amqp.isReady { return IngressHandler.text(.ok, "ready") }
+        return IngressHandler.text(
+            .serviceUnavailable,
+            handler.amqp.isBlocked ? "RabbitMQ blocks publishing (resource alarm)" : "RabbitMQ connection is down")
     }
     router.get("/metrics") { _, _ in
         Response(

@@ -37,13 +37,18 @@ struct Run: AsyncParsableCommand {
             let configuration = try WorkerConfiguration(env)
             let logger = RelayBootstrap.logger("wechat-worker", appID: configuration.appID)
             let metrics = WorkerMetrics(registry: RelayBootstrap.metrics())
+            // Two connections: consuming (and acks) and publishing (retries, dead letters), so that
+            // flow control on the publishing one never holds the acks.
             let amqp = try AMQPConnection(configuration: configuration.amqp, topology: configuration.topology.inbound, logger: logger)
+            var publishing = configuration.amqp
+            publishing.connectionName = configuration.amqp.connectionName.map { "\($0)-publish" }
+            let publisher = try AMQPConnection(configuration: publishing, logger: logger)
             let redis = RedisPool(configuration: configuration.redis, size: max(4, min(64, configuration.concurrency)), logger: logger)
             let tokens = TokenClient(
                 redis: redis, keys: TokenKeys(appID: configuration.appID, prefix: configuration.topology.prefix), tokendURL: configuration.tokendURL,
                 tokendSecret: configuration.tokendSecret)
             let worker = Worker(
-                amqp: amqp,
+                amqp: amqp, publisher: publisher,
                 store: SessionStore(
                     redis: redis, appID: configuration.appID, prefix: configuration.topology.prefix, sessionTTL: configuration.sessionTTL,
                     finishedTTL: configuration.finishedTTL),
@@ -66,7 +71,7 @@ struct Run: AsyncParsableCommand {
                     "amqp.url": "\(configuration.amqp.redactedURL)", "redis.url": "\(configuration.redis.redactedURL)",
                     "wechat.api": "\(configuration.apiURL)", "worker.concurrency": "\(configuration.concurrency)",
                 ])
-            try await RelayBootstrap.runUntilSignalled([amqp, redis, WorkerService(worker: worker), app], logger: logger)
+            try await RelayBootstrap.runUntilSignalled([amqp, publisher, redis, WorkerService(worker: worker), app], logger: logger)
         }
     }
 }

@@ -30,6 +30,10 @@ public protocol MessageHandler: Sendable {
 
 /// The worker's RabbitMQ additions to ``WeChatTopology``: delay queues whose
 /// messages dead-letter back to the inbound exchange with their shard routing key.
+///
+/// The delay queues are quorum queues with at-least-once dead-lettering (RabbitMQ 3.10+):
+/// classic dead-lettering is at-most-once, so a node crashing as a retry expired would
+/// drop it. At-least-once dead-lettering requires `x-overflow: reject-publish`.
 public struct RetryTopology: Sendable {
     public let base: WeChatTopology
     /// Delays before the 1st, 2nd and 3rd retry; after that the message is dead-lettered.
@@ -52,7 +56,10 @@ public struct RetryTopology: Sendable {
         var t = base.inbound
         for (i, d) in delays.enumerated() {
             t.exchanges.append(.init(exchange(i), type: "fanout"))
-            t.queues.append(.init(queue(i), messageTTL: d.wholeNanoseconds / 1_000_000, arguments: ["x-dead-letter-exchange": .string(base.inboundExchange)]))
+            t.queues.append(
+                .init(
+                    queue(i), kind: .quorum, deadLetterExchange: base.inboundExchange, messageTTL: d.wholeNanoseconds / 1_000_000,
+                    arguments: ["x-dead-letter-strategy": .string("at-least-once"), "x-overflow": .string("reject-publish")]))
             t.bindings.append(.init(queue: queue(i), exchange: exchange(i)))
         }
         return t
@@ -94,8 +101,16 @@ public struct WorkerMetrics: Sendable {
 }
 
 /// Consumes the shard queues and turns messages into replies.
+///
+/// It uses two broker connections, as RabbitMQ advises: `amqp` consumes and acknowledges,
+/// `publisher` publishes retries and dead letters. On one connection, a retry published
+/// while the broker blocks publishing (a resource alarm) would block the acks behind it,
+/// and nothing would drain.
 public final class Worker: Sendable {
+    /// Consumes the shard queues (and acknowledges).
     public let amqp: AMQPConnection
+    /// Publishes retries and dead letters.
+    public let publisher: AMQPConnection
     public let store: SessionStore
     public let retry: RetryTopology
     public let metrics: WorkerMetrics
@@ -115,11 +130,12 @@ public final class Worker: Sendable {
     let stopping = Flag()
 
     public init(
-        amqp: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
+        amqp: AMQPConnection, publisher: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
         topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger,
         retryDelays: [Duration] = RetryTopology.defaultDelays
     ) {
         self.amqp = amqp
+        self.publisher = publisher
         self.store = store
         self.sender = sender
         self.rules = rules
@@ -289,6 +305,10 @@ public final class Worker: Sendable {
         }
         do {
             try await handle(message, delivery)
+        } catch let error as AMQPError where error.code == .staleDelivery {
+            // The connection it came on broke while it was processed: the broker has put it
+            // back and delivers it again; the message record makes that a duplicate if it was answered.
+            logger.debug("delivery of a broken connection; the broker redelivers it", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
         } catch let error as RedisError where error.isRetriable {
             // Redis is unreachable, or answered "try later" (LOADING, READONLY, BUSY, …): not
             // this message's fault, so it waits at the longest delay as often as the outage
@@ -415,6 +435,8 @@ public final class Worker: Sendable {
     /// - Parameter countsAsAttempt: false for an outage of our own (Redis): the message
     ///   goes through the longest delay and keeps the retries it has left.
     func retryLater(_ d: AMQPDelivery, reason: String, countsAsAttempt: Bool = true) async {
+        // A copy of a delivery the broker already took back would run twice.
+        guard !d.isStale else { return logger.debug("not retrying a delivery of a broken connection; the broker redelivers it") }
         let attempt = Int(d.message.properties.headers[WorkerHeader.retryCount]?.intValue ?? 0)
         if countsAsAttempt, attempt >= retry.delays.count {
             await deadLetter(d, reason: "gave up after \(attempt) retries: \(reason)")
@@ -425,30 +447,41 @@ public final class Worker: Sendable {
         copy.properties.headers[WorkerHeader.retryCount] = .int(Int64(countsAsAttempt ? attempt + 1 : attempt))
         copy.properties.headers[WorkerHeader.reason] = .string(reason)
         do {
-            try await amqp.publish(copy, exchange: retry.exchange(delayQueue), routingKey: d.routingKey, confirmTimeout: .seconds(10))
+            try await publisher.publish(copy, exchange: retry.exchange(delayQueue), routingKey: d.routingKey, confirmTimeout: .seconds(10))
             metrics.retried.increment()
             logger.info("retrying later", metadata: ["attempt": "\(countsAsAttempt ? attempt + 1 : attempt)", "reason": "\(reason)"])
             try d.ack()
         } catch {
             // Not confirmed: give it back to the queue instead of losing it.
             logger.error("cannot schedule a retry; requeueing", metadata: ["error": "\(error)"])
+            await pauseBeforeRequeue(error)
             try? d.nack(requeue: true)
         }
     }
 
     /// Publishes the message to the dead-letter exchange with the reason, then acks it.
     func deadLetter(_ d: AMQPDelivery, reason: String) async {
+        guard !d.isStale else { return logger.debug("not dead-lettering a delivery of a broken connection; the broker redelivers it") }
         var copy = d.message
         copy.properties.headers[WorkerHeader.reason] = .string(reason)
         copy.properties.headers[WorkerHeader.originalRoutingKey] = .string(d.routingKey)
         do {
-            try await amqp.publish(copy, exchange: retry.base.deadLetterExchange, routingKey: d.routingKey, confirmTimeout: .seconds(10))
+            try await publisher.publish(copy, exchange: retry.base.deadLetterExchange, routingKey: d.routingKey, confirmTimeout: .seconds(10))
             metrics.deadLettered.increment()
             logger.warning("dead-lettered", metadata: ["reason": "\(reason)"])
             try d.ack()
         } catch {
             logger.error("cannot dead-letter; requeueing", metadata: ["error": "\(error)"])
+            await pauseBeforeRequeue(error)
             try? d.nack(requeue: true)
         }
+    }
+
+    /// While the broker refuses publishes (an alarm, or the publishing connection is down), a
+    /// message given back at once would come straight back: wait a moment first (it keeps its
+    /// place in the queue meanwhile; other users' messages go on).
+    private func pauseBeforeRequeue(_ error: any Error) async {
+        guard let e = error as? AMQPError, e.code == .flowControl || e.code == .notConnected else { return }
+        try? await Task.sleep(for: .seconds(1))
     }
 }

@@ -30,21 +30,28 @@ struct Stack: Sendable {
     let topology: WeChatTopology
     let pusher: AMQPConnection
     let redis: RedisPool
+    /// The broker (the shared test broker unless `withStack` was given another).
+    let amqpURL: String
 
     /// A worker with its own broker connection (as a separate process would have).
     /// - Parameters:
     ///   - sessions: a Redis for the sessions and message records other than the stack's (a private one a test can stop).
     ///   - retryDelays: the delay queues' delays (short ones for tests that go through them all).
+    ///   - consumingURL: the broker address of the consuming connection (a proxy a test can cut).
     func worker(
         rules: ReplyRules = .defaults, concurrency: Int = 16, sessions: RedisPool? = nil,
-        retryDelays: [Duration] = RetryTopology.defaultDelays, membership: (interval: Duration, ttl: Duration)? = nil
+        retryDelays: [Duration] = RetryTopology.defaultDelays, membership: (interval: Duration, ttl: Duration)? = nil,
+        consumingURL: String? = nil
     ) async throws -> Worker {
-        var config = try AMQPConfiguration(url: TestServices.amqpURL(), connectionName: "worker-test")
+        var config = try AMQPConfiguration(url: consumingURL ?? amqpURL, connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
         let amqp = try await AMQPConnection.connect(configuration: config, topology: topology.inbound, logger: workerLogger)
+        var publishing = try AMQPConfiguration(url: amqpURL, connectionName: "worker-test-publish")
+        publishing.maxReconnectDelay = .milliseconds(300)
+        let publisher = try await AMQPConnection.connect(configuration: publishing, logger: workerLogger)
         let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID, prefix: topology.prefix), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
         let worker = Worker(
-            amqp: amqp, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
+            amqp: amqp, publisher: publisher, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
             rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
             retryDelays: retryDelays)
         if let membership { worker.membershipTiming = membership }
@@ -80,7 +87,11 @@ struct Stack: Sendable {
     var deadLetters: DeadLetterTool { DeadLetterTool(amqp: pusher, topology: topology) }
 }
 
-func withStack(quota: Int = 5, shards: Int = 2, _ body: @escaping @Sendable (Stack) async throws -> Void) async throws {
+/// - Parameter amqpURL: a broker other than the shared test broker (a private one a test may disturb).
+func withStack(
+    quota: Int = 5, shards: Int = 2, amqpURL: String? = nil, _ body: @escaping @Sendable (Stack) async throws -> Void
+) async throws {
+    let amqpURL = try amqpURL ?? TestServices.amqpURL()
     let appID = "wxw\(UInt32.random(in: 0 ... .max))"
     var settings = FakePlatform.Settings(appID: appID, secret: "s3cret")
     settings.messageQuota = quota
@@ -102,10 +113,10 @@ func withStack(quota: Int = 5, shards: Int = 2, _ body: @escaping @Sendable (Sta
         try await tokendApp.test(.live) { tokendClient in
             let topology = WeChatTopology(prefix: prefix, shardCount: shards)
             let pusher = try await AMQPConnection.connect(
-                configuration: AMQPConfiguration(url: TestServices.amqpURL()), topology: topology.inbound, logger: workerLogger)
+                configuration: AMQPConfiguration(url: amqpURL), topology: topology.inbound, logger: workerLogger)
             let stack = Stack(
                 platform: platform, apiURL: apiURL, tokendURL: "http://127.0.0.1:\(try #require(tokendClient.port))", appID: appID,
-                topology: topology, pusher: pusher, redis: redis)
+                topology: topology, pusher: pusher, redis: redis, amqpURL: amqpURL)
             do {
                 try await body(stack)
             } catch {

@@ -1,0 +1,80 @@
+import AMQP
+import Simulator
+import TestSupport
+import Testing
+import Worker
+
+@Suite("Worker across a broken broker connection", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(2)))
+struct WorkerConnectionLossTests {
+    /// The consuming connection breaks while a reply is being sent. The send completes, its ack
+    /// finds the connection gone: that is not a processing failure (no copy goes to a delay
+    /// queue); the broker redelivers the original, which finds the reply recorded.
+    @Test func aConnectionBrokenMidSendIsNotARetry() async throws {
+        try await withStack(quota: 100) { s in
+            let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
+            defer { proxy.stop() }
+            var faults = FakePlatform.Faults()
+            faults.latencyMs = 1500
+            s.platform.faults = faults
+            let w = try await s.worker(consumingURL: proxy.url)
+            try await running([w]) {
+                await w.waitUntilOwning(2)
+                let arrivals = s.platform.arrivalCount
+                try await s.push("text", "hello", from: "u1")
+                try await eventually("the send reached the API") { s.platform.arrivalCount > arrivals }
+                proxy.cutAll()
+                #expect(await s.replies(to: "u1", count: 1).count == 1)
+                try await eventually("the redelivery dropped as a duplicate") { duplicates(w) >= 1 }
+                #expect(retried(w) == 0)
+                #expect(s.platform.messages(touser: "u1").count == 1)
+            }
+        }
+    }
+}
+
+/// A memory alarm on a broker of the test's own while the worker must publish a retry.
+@Suite("Worker under a broker memory alarm", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+struct WorkerFlowControlTests {
+    /// The retry's publish is refused (the publishing connection is blocked), but the acks of
+    /// every other message go out on the consuming connection, which the broker never blocks:
+    /// with one connection for both, the blocked publish held every ack behind it.
+    @Test func aRetryDuringAnAlarmDoesNotHoldTheAcks() async throws {
+        try await PrivateServices.with { services in
+            try await withStack(quota: 100, amqpURL: services.amqpURL) { s in
+                let users = (0..<20).map { "alarm-user-\($0)" }
+                for u in users { try await s.push("text", "hello", from: u) }
+                var faults = FakePlatform.Faults()
+                faults.failNextWith = -1
+                faults.failNextCount = 2  // the first sends fail: a retry must be published
+                s.platform.faults = faults
+                try await services.rabbitmqctl(["set_vm_memory_high_watermark", "0"])
+                // One message at a time, so that most acks come after the retry's publish.
+                let w = try await s.worker(concurrency: 1)
+                try await running([w]) {
+                    // Replies to the others, and their acks reach the broker, during the alarm.
+                    try await eventually("the other users answered during the alarm", within: 90) {
+                        Set(s.platform.messages().compactMap(\.touser)).count >= users.count - 2
+                    }
+                    try await eventually("their acks processed by the broker during the alarm", within: 60) {
+                        try await messagesInShardQueues(services, s) <= 2
+                    }
+                    try await services.rabbitmqctl(["set_vm_memory_high_watermark", "0.4"])
+                    try await eventually("every user answered after the alarm") {
+                        Set(s.platform.messages().compactMap(\.touser)) == Set(users)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ready plus unacknowledged messages in the stack's shard queues (`rabbitmqctl list_queues`).
+    func messagesInShardQueues(_ services: PrivateServices, _ s: Stack) async throws -> Int {
+        let out = try await services.rabbitmqctl(["list_queues", "-q", "--no-table-headers", "name", "messages"])
+        let shards = Set((0..<s.topology.shardCount).map(s.topology.shardQueue))
+        return out.split(separator: "\n").reduce(0) { sum, line in
+            let cols = line.split(whereSeparator: { $0 == "\t" || $0 == " " })
+            guard cols.count == 2, shards.contains(String(cols[0])), let n = Int(cols[1]) else { return sum }
+            return sum + n
+        }
+    }
+}
