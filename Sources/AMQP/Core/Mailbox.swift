@@ -77,13 +77,18 @@ final class Mailbox: Sendable {
             return true
         }
         guard mayBlock else { return }
-        var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
-        if socket >= 0 { fds.append(pollfd(fd: socket, events: Int16(POLLIN), revents: 0)) }
-        let r = poll(&fds, nfds_t(fds.count), timeoutMs)
+        // On the stack: this runs once per turn of the connection's loop.
+        let wake = withUnsafeTemporaryAllocation(of: pollfd.self, capacity: 2) { fds -> Bool in
+            fds[0] = pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)
+            fds[1] = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+            let r = poll(fds.baseAddress, socket >= 0 ? 2 : 1, timeoutMs)
+            return r > 0 && fds[0].revents != 0
+        }
         state.withLock { $0.sleeping = false }
-        if r > 0, fds[0].revents != 0 {
-            var buf = [UInt8](repeating: 0, count: 64)
-            while read(wakeRead, &buf, buf.count) > 0 {}
+        if wake {
+            withUnsafeTemporaryAllocation(byteCount: 64, alignment: 1) { buf in
+                while read(wakeRead, buf.baseAddress, buf.count) > 0 {}
+            }
         }
     }
 
