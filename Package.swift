@@ -65,6 +65,11 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
+        // The inter-service contract: queue and exchange names, shard routing, envelope
+        // headers, Redis keys. Pure Swift, no dependencies: every service and test uses it.
+        .target(name: "RelayContract"),
+        // The contract's RabbitMQ declarations (`WeChatTopology.inbound`), for the services that use RabbitMQ.
+        .target(name: "RelayAMQP", dependencies: ["AMQP", "RelayContract"]),
         .target(
             name: "WeChat",
             dependencies: [
@@ -75,7 +80,6 @@ let package = Package(
         .target(
             name: "RelayCore",
             dependencies: [
-                "AMQP",
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
@@ -90,7 +94,7 @@ let package = Package(
         .target(
             name: "Ingress",
             dependencies: [
-                "AMQP", "WeChat", "RelayCore",
+                "AMQP", "WeChat", "RelayCore", "RelayContract", "RelayAMQP",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -100,7 +104,7 @@ let package = Package(
         .executableTarget(
             name: "WeChatIngress",
             dependencies: [
-                "AMQP", "Ingress", "RelayCore",
+                "AMQP", "Ingress", "RelayCore", "RelayContract", "RelayAMQP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
@@ -108,7 +112,7 @@ let package = Package(
         .target(
             name: "Worker",
             dependencies: [
-                "AMQP", "Redis", "RelayCore", "TokenClient", "WeChat",
+                "AMQP", "Redis", "RelayCore", "RelayContract", "RelayAMQP", "TokenClient", "WeChat",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -119,7 +123,7 @@ let package = Package(
         .executableTarget(
             name: "WeChatWorker",
             dependencies: [
-                "Worker", "AMQP", "Redis", "RelayCore", "TokenClient",
+                "Worker", "AMQP", "Redis", "RelayCore", "RelayContract", "RelayAMQP", "TokenClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -129,14 +133,14 @@ let package = Package(
         .target(
             name: "TokenClient",
             dependencies: [
-                "Redis",
+                "Redis", "RelayContract",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]
         ),
         .target(
             name: "Tokend",
             dependencies: [
-                "Redis", "RelayCore", "TokenClient", "WeChat",
+                "Redis", "RelayCore", "RelayContract", "TokenClient", "WeChat",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -147,7 +151,7 @@ let package = Package(
         .executableTarget(
             name: "WeChatTokend",
             dependencies: [
-                "Tokend", "Redis", "RelayCore",
+                "Tokend", "Redis", "RelayCore", "RelayContract",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -179,6 +183,8 @@ let package = Package(
                 "AMQP",
                 "Redis",
                 "RelayCore",
+                "RelayContract",
+                "RelayAMQP",
                 "WeChat",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -211,7 +217,7 @@ let package = Package(
         .testTarget(
             name: "IngressTests",
             dependencies: [
-                "Ingress", "AMQP", "WeChat", "RelayCore", "TestSupport", "Simulator",
+                "Ingress", "AMQP", "WeChat", "RelayCore", "RelayContract", "RelayAMQP", "TestSupport", "Simulator",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
@@ -229,7 +235,7 @@ let package = Package(
         .testTarget(
             name: "TokendTests",
             dependencies: [
-                "Tokend", "TokenClient", "Redis", "RelayCore", "Simulator", "WeChat", "TestSupport",
+                "Tokend", "TokenClient", "Redis", "RelayCore", "RelayContract", "Simulator", "WeChat", "TestSupport",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -240,7 +246,8 @@ let package = Package(
         .testTarget(
             name: "WorkerTests",
             dependencies: [
-                "Worker", "Tokend", "TokenClient", "AMQP", "Redis", "RelayCore", "Simulator", "WeChat", "TestSupport", "Ingress",
+                "Worker", "Tokend", "TokenClient", "AMQP", "Redis", "RelayCore", "RelayContract", "RelayAMQP", "Simulator", "WeChat",
+                "TestSupport", "Ingress",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -249,7 +256,7 @@ let package = Package(
         .testTarget(
             name: "OpsTests",
             dependencies: [
-                "AMQP", "RelayCore", "Worker", "TestSupport",
+                "AMQP", "RelayCore", "RelayContract", "RelayAMQP", "Worker", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ]

@@ -5,6 +5,7 @@ import Logging
 import NIOCore
 import RelayCore
 import WeChat
+import RelayContract
 
 /// A request the ingress refuses: the HTTP status of docs/CONTRACT.md and the
 /// reason that goes into the log line (never a secret or a body).

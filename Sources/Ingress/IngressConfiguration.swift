@@ -1,6 +1,7 @@
 import AMQP
 import RelayCore
 import WeChat
+import RelayContract
 
 /// The ingress's settings, from the variables of docs/CONTRACT.md.
 public struct IngressConfiguration: Sendable {

@@ -5,6 +5,8 @@ import Foundation
 import Synchronization
 import RelayCore
 import WeChat
+import RelayContract
+import RelayAMQP
 
 struct AMQPOptions: ParsableArguments {
     @Option(help: "Broker URL.") var url: String = "amqp://guest:guest@127.0.0.1:5672/%2F"

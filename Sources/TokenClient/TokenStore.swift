@@ -3,6 +3,7 @@ import Foundation
 import NIOCore
 import Redis
 import Synchronization
+import RelayContract
 
 /// A credential with its expiry, as stored in Redis (JSON) and served by tokend.
 public struct StoredCredential: Codable, Sendable, Equatable {
@@ -22,24 +23,6 @@ public struct StoredCredential: Codable, Sendable, Equatable {
     }
 
     public func isValid(at now: Int64) -> Bool { now < expiresAt }
-}
-
-/// Where tokend keeps the shared credentials (documented in docs/tokend.md):
-/// - `wechat:{appid}:access_token` → `{"value": "…", "expires_at": …, "fetched_at": …}`
-/// - `wechat:{appid}:jsapi_ticket` → the same shape
-/// - `wechat:{appid}:refresh_lock:{kind}` → the replica refreshing now (SET NX PX)
-public struct TokenKeys: Sendable, Hashable {
-    public let appID: String
-    public let prefix: String
-
-    public init(appID: String, prefix: String = "wechat") {
-        self.appID = appID
-        self.prefix = prefix
-    }
-
-    public var accessToken: String { "\(prefix):\(appID):access_token" }
-    public var jsapiTicket: String { "\(prefix):\(appID):jsapi_ticket" }
-    public func lock(_ key: String) -> String { "\(key):refresh_lock" }
 }
 
 /// What workers use to get the access_token: one Redis GET behind a short

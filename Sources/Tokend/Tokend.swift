@@ -10,6 +10,7 @@ import RelayCore
 import ServiceLifecycle
 import TokenClient
 import WeChat
+import RelayContract
 
 /// tokend's settings (docs/CONTRACT.md, plus `TOKEND_FETCH_MODE` and `TOKEND_REFRESH_MARGIN`).
 public struct TokendConfiguration: Sendable {

@@ -4,6 +4,7 @@ import Ingress
 import Logging
 import RelayCore
 import ServiceLifecycle
+import RelayAMQP
 
 /// `wechat-ingress`: the HTTP endpoint that WeChat's servers call.
 @main

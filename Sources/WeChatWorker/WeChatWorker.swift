@@ -10,6 +10,7 @@ import RelayCore
 import ServiceLifecycle
 import TokenClient
 import Worker
+import RelayContract
 
 /// `wechat-worker`: consumes, deduplicates, keeps sessions, decides and sends replies.
 @main

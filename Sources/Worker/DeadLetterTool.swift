@@ -1,5 +1,6 @@
 import AMQP
 import RelayCore
+import RelayContract
 
 /// `wechat-worker dead-letters list | replay`.
 public struct DeadLetterTool: Sendable {

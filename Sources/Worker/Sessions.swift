@@ -1,6 +1,7 @@
 import Foundation
 import Redis
 import WeChat
+import RelayContract
 
 /// A user's session as it was when one message was observed.
 ///
@@ -35,27 +36,6 @@ public struct SessionSnapshot: Sendable, Equatable {
         if csSent >= quota { return "customer-service quota used up (45047)" }
         return nil
     }
-}
-
-/// The worker's Redis keys, all under one prefix (`WECHAT_QUEUE_PREFIX`, default `wechat`)
-/// so that deployments sharing a Redis never see each other's state.
-public struct WorkerKeys: Sendable, Hashable {
-    public let prefix: String
-    public let appID: String
-
-    public init(prefix: String = "wechat", appID: String) {
-        self.prefix = prefix
-        self.appID = appID
-    }
-
-    /// `{prefix}:{appid}:session:{openid}` (hash).
-    public func session(_ openID: String) -> String { "\(prefix):\(appID):session:\(openID)" }
-    /// `{prefix}:{appid}:msg:{dedupID}` (hash): the per-message record.
-    public func record(_ dedupID: String) -> String { "\(prefix):\(appID):msg:\(dedupID)" }
-    /// `{prefix}:{appid}:query:{sha256(timestamp:nonce:signature)}` (string): the message that used a signed query.
-    public func signedQuery(_ digest: String) -> String { "\(prefix):\(appID):query:\(digest)" }
-    /// `{prefix}:{appid}:workers` (sorted set): the live workers' heartbeats.
-    public var workers: String { "\(prefix):\(appID):workers" }
 }
 
 /// The per-message record and the session updates, done atomically in Redis so

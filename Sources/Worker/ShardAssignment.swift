@@ -4,6 +4,7 @@ import Foundation
 import Redis
 import RelayCore
 import Synchronization
+import RelayContract
 
 /// Which shards each live worker consumes, agreed through Redis.
 ///

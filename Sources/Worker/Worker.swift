@@ -10,6 +10,8 @@ import ServiceLifecycle
 import Synchronization
 import TokenClient
 import WeChat
+import RelayContract
+import RelayAMQP
 
 /// Logic that rules cannot express. Handlers run before the rules, in order;
 /// the first that returns a decision wins, `nil` passes the message on.

@@ -2,6 +2,7 @@ import AMQP
 import Foundation
 import Redis
 import RelayCore
+import RelayContract
 
 /// The worker's settings (docs/CONTRACT.md, plus `WORKER_SESSION_TTL`).
 public struct WorkerConfiguration: Sendable {

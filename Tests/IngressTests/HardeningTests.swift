@@ -12,6 +12,7 @@ import WeChat
 
 #if canImport(Glibc)
 import Glibc
+import RelayContract
 #endif
 
 /// Regression tests of the hardening issue (#13), request surface: each failed on the code before its fix.

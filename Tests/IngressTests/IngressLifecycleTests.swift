@@ -8,6 +8,7 @@ import ServiceLifecycle
 import Synchronization
 import TestSupport
 import Testing
+import RelayContract
 
 @Suite("wechat-ingress lifecycle", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(3)))
 struct IngressLifecycleTests {

@@ -8,6 +8,8 @@ import NIOCore
 import RelayCore
 import TestSupport
 import WeChat
+import RelayAMQP
+import RelayContract
 
 let ingressLogger: Logger = {
     var l = Logger(label: "ingress-test")

@@ -8,6 +8,7 @@ import RelayCore
 import TestSupport
 import Testing
 import WeChat
+import RelayContract
 
 @Suite("wechat-ingress", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(2)))
 struct IngressTests {

@@ -7,6 +7,7 @@ import Simulator
 import TestSupport
 import Testing
 import WeChat
+import RelayContract
 
 /// `wechat-sim send`'s pusher against a real ingress (live HTTP) and the real broker.
 @Suite("wechat-sim send against the ingress", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(2)))

@@ -2,6 +2,7 @@ import Foundation
 import RelayCore
 import Testing
 import Worker
+import RelayContract
 
 /// ops/k8s: the manifests parse and name the executables, ports, probes,
 /// variables and queues the code uses.

@@ -3,6 +3,7 @@ import RelayCore
 import TestSupport
 import Testing
 import Yams
+import RelayContract
 
 /// ops/prometheus, ops/grafana and docs/operations.md: valid for their tools,
 /// and every metric they use is one the code (or RabbitMQ) exports.

@@ -6,6 +6,7 @@ import TestSupport
 import Testing
 import Worker
 import Yams
+import RelayContract
 
 /// ops/rabbitmq/definitions.json is the topology the ingress and the workers
 /// declare (default prefix): same exchanges, queues, arguments and bindings.

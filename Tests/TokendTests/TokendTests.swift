@@ -12,6 +12,7 @@ import TestSupport
 import Testing
 import TokenClient
 import Tokend
+import RelayContract
 
 let tokendLogger: Logger = {
     var l = Logger(label: "tokend-test")

@@ -11,6 +11,7 @@ import Testing
 import TokenClient
 import WeChat
 @testable import Worker
+import RelayContract
 
 extension Stack {
     /// Publishes a push as the ingress would, with the ingress's signed-query header.

@@ -14,6 +14,7 @@ import TokenClient
 import Tokend
 import WeChat
 import Worker
+import RelayContract
 
 let workerLogger: Logger = {
     var l = Logger(label: "worker-test")

@@ -1,7 +1,7 @@
-import AMQP
-
-/// The RabbitMQ topology shared by the ingress (which declares and publishes)
-/// and the workers (which consume). Documented in docs/topology.md.
+/// The RabbitMQ topology's names shared by the ingress (which declares and publishes)
+/// and the workers (which consume), and the headers of the envelope. Documented in
+/// docs/topology.md and docs/CONTRACT.md. The declarations themselves
+/// (`WeChatTopology.inbound`) are in `RelayAMQP`, so that this module links no C library.
 ///
 /// With the default prefix `wechat`:
 /// - `wechat.inbound` (direct, durable): the ingress publishes each message with
@@ -40,21 +40,6 @@ public struct WeChatTopology: Sendable, Hashable {
     }
 
     public func routingKey(openID: String) -> String { shardRoutingKey(shard(openID: openID)) }
-
-    /// What the ingress declares at start-up (and after every reconnection).
-    public var inbound: AMQPTopology {
-        AMQPTopology(
-            exchanges: [
-                .init(inboundExchange, type: "direct"),
-                .init(deadLetterExchange, type: "fanout"),
-            ],
-            queues: (0..<shardCount).map { n in
-                .init(shardQueue(n), kind: .quorum, deadLetterExchange: deadLetterExchange, singleActiveConsumer: true)
-            } + [.init(deadLetterQueue, kind: .quorum)],
-            bindings: (0..<shardCount).map { n in
-                .init(queue: shardQueue(n), exchange: inboundExchange, routingKey: shardRoutingKey(n))
-            } + [.init(queue: deadLetterQueue, exchange: deadLetterExchange)])
-    }
 
     /// Header names on inbound messages.
     public enum Header {

@@ -1,0 +1,42 @@
+// Every Redis key of the system, in one place (the table in docs/CONTRACT.md points here).
+// All keys start with `WECHAT_QUEUE_PREFIX` and the AppID, so deployments and accounts can
+// share one Redis.
+
+/// The worker's Redis keys, all under one prefix (`WECHAT_QUEUE_PREFIX`, default `wechat`)
+/// so that deployments sharing a Redis never see each other's state.
+public struct WorkerKeys: Sendable, Hashable {
+    public let prefix: String
+    public let appID: String
+
+    public init(prefix: String = "wechat", appID: String) {
+        self.prefix = prefix
+        self.appID = appID
+    }
+
+    /// `{prefix}:{appid}:session:{openid}` (hash).
+    public func session(_ openID: String) -> String { "\(prefix):\(appID):session:\(openID)" }
+    /// `{prefix}:{appid}:msg:{dedupID}` (hash): the per-message record.
+    public func record(_ dedupID: String) -> String { "\(prefix):\(appID):msg:\(dedupID)" }
+    /// `{prefix}:{appid}:query:{sha256(timestamp:nonce:signature)}` (string): the message that used a signed query.
+    public func signedQuery(_ digest: String) -> String { "\(prefix):\(appID):query:\(digest)" }
+    /// `{prefix}:{appid}:workers` (sorted set): the live workers' heartbeats.
+    public var workers: String { "\(prefix):\(appID):workers" }
+}
+
+/// Where tokend keeps the shared credentials (documented in docs/tokend.md):
+/// - `wechat:{appid}:access_token` → `{"value": "…", "expires_at": …, "fetched_at": …}`
+/// - `wechat:{appid}:jsapi_ticket` → the same shape
+/// - `wechat:{appid}:refresh_lock:{kind}` → the replica refreshing now (SET NX PX)
+public struct TokenKeys: Sendable, Hashable {
+    public let appID: String
+    public let prefix: String
+
+    public init(appID: String, prefix: String = "wechat") {
+        self.appID = appID
+        self.prefix = prefix
+    }
+
+    public var accessToken: String { "\(prefix):\(appID):access_token" }
+    public var jsapiTicket: String { "\(prefix):\(appID):jsapi_ticket" }
+    public func lock(_ key: String) -> String { "\(key):refresh_lock" }
+}
