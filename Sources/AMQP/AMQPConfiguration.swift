@@ -42,11 +42,20 @@ public struct AMQPConfiguration: Sendable {
     /// larger one fails alone with ``AMQPError/Code/invalidMessage`` instead of closing the channel.
     public var maxMessageSize: Int
 
-    /// Parses an `amqp://` URL, or several separated by commas.
+    /// Parses an `amqp://` URL, or several separated by commas (a comma not followed by
+    /// another URL is part of the URL, for example of a password).
     /// - Throws: ``AMQPError/Code/invalidURL`` naming what is wrong (never echoing the password).
     public init(url: String, connectionName: String? = nil) throws {
-        let parts = url.split(separator: ",", omittingEmptySubsequences: false).map {
-            String($0.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
+        // A list separator is a comma before another URL (`amqp://` after optional spaces);
+        // any other comma belongs to the URL (a password may contain one).
+        var parts: [String] = []
+        for piece in url.split(separator: ",", omittingEmptySubsequences: false) {
+            let trimmed = String(piece.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
+            if parts.isEmpty || trimmed.isEmpty || trimmed.lowercased().contains("://") {
+                parts.append(trimmed)
+            } else {
+                parts[parts.count - 1] += "," + piece
+            }
         }
         guard let first = parts.first else { throw AMQPError(.invalidURL, "AMQP URL is empty") }
         try self.init(single: first, connectionName: connectionName)

@@ -9,7 +9,8 @@ import Synchronization
 /// channel in confirm mode shared by all publishers, and one channel per
 /// consumer. It reconnects by itself with exponential backoff, declares its
 /// topology again and resumes its consumers; publishes in flight when the
-/// connection breaks fail with ``AMQPError/Code/connectionLost`` so callers
+/// connection breaks fail with ``AMQPError/Code/connectionLost`` (written, fate
+/// unknown) or ``AMQPError/Code/notConnected`` (not yet written) so callers
 /// can answer quickly, and new publishes work again once it is back. While the
 /// broker blocks publishing (a memory or disk alarm), publishes fail at once with
 /// ``AMQPError/Code/flowControl`` and ``isReady`` is false.
@@ -138,6 +139,11 @@ public final class AMQPConnection: Sendable {
         guard message.body.count <= configuration.maxMessageSize else {
             throw AMQPError(
                 .invalidMessage, "the body is \(message.body.count) bytes; the limit is \(configuration.maxMessageSize)")
+        }
+        // The properties travel in one frame: larger ones would fail half-written and take the connection down.
+        guard message.properties.estimatedSize <= Int(configuration.frameMax) - 1024 else {
+            throw AMQPError(
+                .invalidMessage, "the properties and headers take about \(message.properties.estimatedSize) bytes; one frame holds \(configuration.frameMax)")
         }
         guard mailbox.isConnected else {
             throw AMQPError(.notConnected, "not connected to \(configuration.redactedURL)")

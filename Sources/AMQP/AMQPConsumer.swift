@@ -7,6 +7,8 @@ public struct AMQPDelivery: Sendable {
     public let redelivered: Bool
     public let deliveryTag: UInt64
     let channel: UInt16
+    /// Which opening of `channel` delivered it (a reopened channel numbers deliveries from 1 again).
+    let channelEpoch: UInt64
     let generation: UInt64
     let connection: AMQPConnection
 
@@ -19,7 +21,9 @@ public struct AMQPDelivery: Sendable {
     /// The ack is queued for the connection's thread and sent in order with other
     /// settlements; it does not wait for the socket write.
     /// - Throws: ``AMQPError/Code/staleDelivery`` if the connection it came on has
-    ///   broken since (the broker will redeliver the message), `closed` after ``AMQPConnection/close()``.
+    ///   broken or been closed since (the broker will redeliver the message). A settlement
+    ///   for a channel the broker has closed since (the broker requeued the message) is
+    ///   dropped without an error: the message comes again either way.
     public func ack() throws { try connection.settle(self, .ack) }
 
     /// Negatively acknowledges: `requeue: false` dead-letters the message (if the queue
@@ -65,8 +69,9 @@ public struct AMQPConsumer: AsyncSequence, Sendable {
     /// and can still be acknowledged: use this for graceful shutdown.
     public func cancel() async { await connection.cancelConsumer(id: id) }
 
-    /// Cancels and closes the consumer's channel: every delivery not yet acknowledged
-    /// goes back to the queue, in order (later acks of them are ignored). Use it to
-    /// hand a queue over to another consumer.
+    /// Closes the consumer's channel (without a `basic.cancel` first, so that a
+    /// single-active-consumer queue activates the next consumer only once this one's
+    /// deliveries are back): every delivery not yet acknowledged goes back to the queue, in
+    /// order (later acks of them are ignored). Use it to hand a queue over to another consumer.
     public func close() async { await connection.closeConsumer(id: id) }
 }

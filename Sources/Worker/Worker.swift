@@ -297,6 +297,11 @@ public final class Worker: Sendable {
 
     /// Handles one delivery to a final outcome, then acknowledges it.
     func process(_ delivery: AMQPDelivery) async {
+        // It may have waited behind its user's earlier messages while its connection broke:
+        // the broker has it back (and may have handed it to another worker already).
+        guard !delivery.isStale else {
+            return logger.debug("skipping a delivery of a broken connection; the broker redelivers it")
+        }
         metrics.consumed.increment()
         let message: InboundMessage
         do {
@@ -450,14 +455,26 @@ public final class Worker: Sendable {
         copy.properties.headers[WorkerHeader.reason] = .string(reason)
         do {
             try await publisher.publish(copy, exchange: retry.exchange(delayQueue), routingKey: d.routingKey, confirmTimeout: .seconds(10))
-            metrics.retried.increment()
-            logger.info("retrying later", metadata: ["attempt": "\(countsAsAttempt ? attempt + 1 : attempt)", "reason": "\(reason)"])
-            try d.ack()
         } catch {
             // Not confirmed: give it back to the queue instead of losing it.
             logger.error("cannot schedule a retry; requeueing", metadata: ["error": "\(error)"])
             await pauseBeforeRequeue(error)
             try? d.nack(requeue: true)
+            return
+        }
+        metrics.retried.increment()
+        logger.info("retrying later", metadata: ["attempt": "\(countsAsAttempt ? attempt + 1 : attempt)", "reason": "\(reason)"])
+        ackAfterRepublish(d)
+    }
+
+    /// Acks the original of a message just republished (to a delay queue or the dead letters).
+    /// If its connection broke meanwhile, the broker redelivers the original too; the message
+    /// record makes the second one a duplicate once the first is answered.
+    private func ackAfterRepublish(_ d: AMQPDelivery) {
+        do {
+            try d.ack()
+        } catch {
+            logger.warning("republished, but the original's connection broke: the broker redelivers it too", metadata: ["error": "\(error)"])
         }
     }
 
@@ -469,14 +486,15 @@ public final class Worker: Sendable {
         copy.properties.headers[WorkerHeader.originalRoutingKey] = .string(d.routingKey)
         do {
             try await publisher.publish(copy, exchange: retry.base.deadLetterExchange, routingKey: d.routingKey, confirmTimeout: .seconds(10))
-            metrics.deadLettered.increment()
-            logger.warning("dead-lettered", metadata: ["reason": "\(reason)"])
-            try d.ack()
         } catch {
             logger.error("cannot dead-letter; requeueing", metadata: ["error": "\(error)"])
             await pauseBeforeRequeue(error)
             try? d.nack(requeue: true)
+            return
         }
+        metrics.deadLettered.increment()
+        logger.warning("dead-lettered", metadata: ["reason": "\(reason)"])
+        ackAfterRepublish(d)
     }
 
     /// While the broker refuses publishes (an alarm, or the publishing connection is down), a

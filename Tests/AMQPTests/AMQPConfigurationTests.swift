@@ -21,6 +21,15 @@ struct AMQPConfigurationTests {
         #expect(d.virtualHost == "/")
     }
 
+    /// A comma is a list separator only before another URL; elsewhere (a password) it is data.
+    @Test func aCommaInAPasswordIsNotAListSeparator() throws {
+        let one = try AMQPConfiguration(url: "amqp://u:pa,ss@h1:5673/v")
+        #expect(one.password == "pa,ss" && one.addresses.count == 1 && one.port == 5673)
+        let two = try AMQPConfiguration(url: "amqp://u:pa,ss@h1/v, amqp://u:pa,ss@h2:5674/v")
+        #expect(two.addresses.map(\.host) == ["h1", "h2"] && two.password == "pa,ss")
+        #expect(!two.redactedURL.contains("pa,ss"))
+    }
+
     @Test func ipv6Literal() throws {
         let c = try AMQPConfiguration(url: "amqp://u:p@[::1]:5999/v")
         #expect(c.host == "::1")

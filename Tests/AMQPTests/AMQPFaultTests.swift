@@ -133,6 +133,35 @@ struct AMQPConnectionLossTests {
         await amqp.close()
     }
 
+    /// The publish channel closed by the broker, then the connection cut while the next
+    /// publish opens it again: that publish fails (it once crashed the process), the
+    /// connection comes back and publishing works.
+    @Test func aCutWhileThePublishChannelReopens() async throws {
+        let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
+        defer { proxy.stop() }
+        let name = TestServices.unique("reopen")
+        var topology = testTopology(name)
+        topology.exchanges.append(.init("\(name).internal", internal: true))
+        let amqp = try connection(proxy.url, topology: topology)
+        try await withTimeout("connected") { try await amqp.waitUntilConnected() }
+        // Publishing to an internal exchange is a channel error (403): the publish channel closes.
+        await #expect {
+            try await amqp.publish(AMQPMessage("x"), exchange: "\(name).internal", routingKey: "k")
+        } throws: { ($0 as? AMQPError)?.code == .channelClosed }
+        let armed = Locked(true)
+        proxy.setRule { _, method in
+            method == AMQPProxy.Method.channelOpen && armed.withLock { a in defer { a = false }; return a }
+        }
+        await #expect(throws: AMQPError.self) {
+            try await amqp.publish(AMQPMessage("y"), exchange: "\(name).x", routingKey: "k", confirmTimeout: .seconds(10))
+        }
+        try await eventually("reconnected") { proxy.accepted >= 2 && amqp.isConnected }
+        try await amqp.publish(AMQPMessage("z"), exchange: "\(name).x", routingKey: "k", confirmTimeout: .seconds(10))
+        _ = try? await amqp.deleteExchange("\(name).internal")
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
     /// With several addresses, a node going away is a reconnection to the next.
     @Test func severalAddressesFailOverToTheNext() async throws {
         let target = try AMQPConfiguration(url: TestServices.amqpURL()).port

@@ -213,6 +213,38 @@ struct AMQPIntegrationTests {
         await cleanUp(amqp, name)
     }
 
+    /// A `basic.get` delivery of a channel that closed and opened again is not settled on the
+    /// new opening, where its tag names another delivery.
+    @Test func aSettlementNeverReachesAReopenedChannel() async throws {
+        let name = TestServices.unique("epoch")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        for m in ["m1", "m2"] { try await amqp.publish(AMQPMessage(m), exchange: "\(name).x", routingKey: "k") }
+        let d1 = try #require(try await amqp.get(queue: "\(name).q"))
+        // A 404 closes the control channel (the broker requeues m1); the next call opens it again.
+        await #expect(throws: AMQPError.self) { try await amqp.queueInfo("\(name).missing") }
+        let d2 = try #require(try await amqp.get(queue: "\(name).q"))
+        #expect(d2.message.bodyString == "m1" && d2.redelivered && d2.deliveryTag == d1.deliveryTag)
+        try d1.ack()  // must not acknowledge d2
+        try d2.nack(requeue: true)
+        // Both back (the requeue reaches the queue asynchronously); had d1's ack taken m1, one would stay.
+        try await eventually("m1 and m2 ready again", within: 10) { try await amqp.queueInfo("\(name).q").messageCount == 2 }
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
+    @Test func oversizedHeadersFailAlone() async throws {
+        let name = TestServices.unique("headers")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        let big = AMQPProperties(headers: ["x-big": .string(String(repeating: "h", count: 200_000))])
+        await #expect {
+            try await amqp.publish(AMQPMessage("x", properties: big), exchange: "\(name).x", routingKey: "k")
+        } throws: { ($0 as? AMQPError)?.code == .invalidMessage }
+        try await amqp.publish(AMQPMessage("fine"), exchange: "\(name).x", routingKey: "k")
+        #expect(amqp.isConnected)
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
     @Test func anOversizedBodyFailsAlone() async throws {
         let name = TestServices.unique("oversized")
         var config = try AMQPConfiguration(url: TestServices.amqpURL(), connectionName: "amqp-tests")

@@ -15,6 +15,12 @@ final class Wire {
     private let arena = CArena()
     /// Channels open on this connection.
     private(set) var openChannels = Set<UInt16>()
+    /// How many times each channel was opened: a delivery tag is only meaningful on the
+    /// opening of its channel that delivered it.
+    private var epochs: [UInt16: UInt64] = [:]
+
+    /// The current opening of `channel` (0 if never opened).
+    func epoch(of channel: UInt16) -> UInt64 { epochs[channel] ?? 0 }
     /// Set once the connection failed; every later call fails with it.
     private(set) var deathError: AMQPError?
     var isDead: Bool { deathError != nil || state == nil }
@@ -38,6 +44,7 @@ final class Wire {
             throw AMQPError(.connectionFailed, "cannot connect to \(place): \(Status.describe(opened))", status: opened)
         }
         _ = amqp_set_rpc_timeout(state, &tv)
+        _ = amqp_set_handshake_timeout(state, &tv)  // the login too (librabbitmq's default is 12 s)
         defer { arena.reset() }
         var capabilities: AMQPTable = [
             "capabilities": .table([
@@ -111,6 +118,7 @@ final class Wire {
         _ = amqp_channel_open(s, ch)
         try check(amqp_get_rpc_reply(s), channel: ch, "channel.open")
         openChannels.insert(ch)
+        epochs[ch, default: 0] += 1
     }
 
     /// Closes a channel (the broker requeues its unsettled deliveries).
@@ -308,12 +316,16 @@ final class Wire {
         case Method.basicDeliver:
             let m = decoded.assumingMemoryBound(to: amqp_basic_deliver_t.self).pointee
             let (tag, redelivered, exchange, key) = (m.delivery_tag, m.redelivered != 0, m.exchange.string, m.routing_key.string)
-            let message = try readMessage(channel: ch, "reading a delivery")
+            guard let message = try readContent(channel: ch, "reading a delivery") else {
+                return .channelClosed(channel: ch, error: AMQPError(.channelClosed, "the channel closed while a delivery was read"))
+            }
             return .deliver(.init(channel: ch, tag: tag, redelivered: redelivered, exchange: exchange, routingKey: key, message: message))
         case Method.basicReturn:
             let m = decoded.assumingMemoryBound(to: amqp_basic_return_t.self).pointee
             let (code, text, exchange, key) = (m.reply_code, m.reply_text.string, m.exchange.string, m.routing_key.string)
-            let message = try readMessage(channel: ch, "reading a returned message")
+            guard let message = try readContent(channel: ch, "reading a returned message") else {
+                return .channelClosed(channel: ch, error: AMQPError(.channelClosed, "the channel closed while a returned message was read"))
+            }
             return .returned(channel: ch, code: code, text: text, key: .init(exchange: exchange, routingKey: key, body: message.body))
         case Method.basicCancel:
             return .consumerCancelled(channel: ch)
@@ -360,6 +372,16 @@ final class Wire {
         try check(amqp_read_message(s, ch, &message, 0), channel: ch, what)
         defer { amqp_destroy_message(&message) }
         return AMQPMessage(body: message.body.array, properties: CDecode.properties(message.properties))
+    }
+
+    /// A message's content after its method frame; nil when the broker closed the channel
+    /// instead (answered; the connection lives). Throws when the connection died.
+    private func readContent(channel ch: UInt16, _ what: String) throws -> AMQPMessage? {
+        do {
+            return try readMessage(channel: ch, what)
+        } catch let e as AMQPError where !isDead && e.code == .channelClosed {
+            return nil
+        }
     }
 
     private func sendChannelCloseOk(_ ch: UInt16) {

@@ -177,6 +177,9 @@ extension ConnectionCore {
                         try w.confirmSelect(Self.publishChannel)
                     }
                 } catch {
+                    // A dead wire already failed the whole outbox (connectionLost); a channel
+                    // error fails only the publish that needed the channel.
+                    guard wire != nil, !outbox.isEmpty else { return }
                     resume([outbox.removeFirst().reply], throwing: error as? AMQPError ?? AMQPError(.channelClosed, "\(error)"))
                     continue
                 }
@@ -274,28 +277,32 @@ extension ConnectionCore {
             }
             return
         }
-        sink.yield(delivery(d))
+        sink.yield(delivery(d, on: wire))
     }
 
-    private func delivery(_ d: Wire.Delivery) -> AMQPDelivery {
+    private func delivery(_ d: Wire.Delivery, on wire: Wire) -> AMQPDelivery {
         AMQPDelivery(
             message: d.message, exchange: d.exchange, routingKey: d.routingKey, redelivered: d.redelivered,
-            deliveryTag: d.tag, channel: d.channel, generation: generation, connection: owner)
+            deliveryTag: d.tag, channel: d.channel, channelEpoch: wire.epoch(of: d.channel), generation: generation,
+            connection: owner)
     }
 
     func get(queue: String, _ done: Reply<AMQPDelivery?>) {
         done.resume(with: Result {
             try onWire { w in
                 try ensureOpen(Self.controlChannel, on: w)
-                return try w.get(queue: queue, channel: Self.controlChannel).map(delivery)
+                return try w.get(queue: queue, channel: Self.controlChannel).map { delivery($0, on: w) }
             }
         })
     }
 
-    /// Sends an ack, nack or reject. A delivery of a connection that has since broken is
-    /// not settled: the broker already requeued it.
+    /// Sends an ack, nack or reject. A delivery of a connection that has since broken, or of
+    /// a channel that has since closed (and maybe opened again, numbering its deliveries
+    /// afresh), is not settled: the broker already requeued it.
     func settle(_ d: AMQPDelivery, _ how: Wire.Settlement) {
-        guard let wire, d.generation == generation, wire.openChannels.contains(d.channel) else {
+        guard let wire, d.generation == generation, wire.openChannels.contains(d.channel),
+            wire.epoch(of: d.channel) == d.channelEpoch
+        else {
             logger.debug("AMQP dropping a settlement for a stale delivery", metadata: ["amqp.delivery_tag": "\(d.deliveryTag)"])
             return
         }

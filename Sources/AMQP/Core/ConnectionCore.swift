@@ -39,6 +39,9 @@ final class ConnectionCore {
     /// Waiters whose task was cancelled before their wait reached this thread.
     private var cancelledWaiters = Set<Int>()
     private var lastConnectError: AMQPError?
+    /// The most telling failure of the current round over the addresses (a refused login
+    /// says more than another address's refused connection).
+    private var roundError: AMQPError?
 
     init(owner: AMQPConnection) {
         self.owner = owner
@@ -131,6 +134,7 @@ final class ConnectionCore {
             let generation = machine.connected()
             mailbox.setConnected(true, generation: generation)
             lastConnectError = nil
+            roundError = nil
             logger.info(
                 "AMQP connected",
                 metadata: ["amqp.url": "\(configuration.redactedURL(address: address))", "amqp.generation": "\(generation)"])
@@ -148,13 +152,18 @@ final class ConnectionCore {
                     metadata: ["amqp.url": "\(configuration.redactedURL(address: address))", "error": "\(err)"])
             }
             lastConnectError = err
+            if roundError == nil || (err.code == .authenticationFailed && roundError?.code != .authenticationFailed) {
+                roundError = err
+            }
             let roundFailed = machine.connectFailed(now: .now)
+            let reported = roundError ?? err
+            if roundFailed { roundError = nil }
             if roundFailed, machine.generation == 0, !connectWaiters.isEmpty, owner.failFirstConnect {
                 // `AMQPConnection.connect` asked for a clear error instead of retrying forever
                 // (after every address was tried once).
                 let waiters = connectWaiters
                 connectWaiters.removeAll()
-                for w in waiters { w.continuation.resume(throwing: err) }
+                for w in waiters { w.continuation.resume(throwing: reported) }
                 _ = machine.close()
                 finishClose()
             }

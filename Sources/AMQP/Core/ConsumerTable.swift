@@ -86,9 +86,11 @@ struct ConsumerTable<Sink> {
         return (c, channel)
     }
 
-    /// The broker cancelled the consumer on `channel` (its queue was deleted): it ends.
+    /// The broker cancelled the consumer on `channel` (its queue was deleted): it ends; its
+    /// channel stays open for settlements until the consumer is closed.
     mutating func brokerCancelled(channel: UInt16) -> Consumer? {
         guard let id = byChannel.removeValue(forKey: channel) else { return nil }
+        lingering[id] = channel
         return active.removeValue(forKey: id)
     }
 

@@ -15,9 +15,7 @@ struct Outbox {
 
         /// A generous estimate of the frames' size on the wire: method, header with properties, body.
         var wireSize: Int {
-            var n = message.body.count + exchange.utf8.count + routingKey.utf8.count + 256
-            for (k, v) in message.properties.headers { n += k.utf8.count + v.estimatedSize }
-            return n
+            message.body.count + exchange.utf8.count + routingKey.utf8.count + message.properties.estimatedSize
         }
     }
 
@@ -68,6 +66,16 @@ struct Outbox {
         for i in head..<entries.count where entries[i].deadline.map({ $0 > limit }) ?? true {
             entries[i].deadline = limit
         }
+    }
+}
+
+extension AMQPProperties {
+    /// A generous estimate of the content header frame's size (properties and headers).
+    var estimatedSize: Int {
+        let strings = [contentType, contentEncoding, correlationID, replyTo, expiration, messageID, type, userID, appID]
+        var n = 128 + strings.reduce(0) { $0 + ($1?.utf8.count ?? 0) + 1 }
+        for (k, v) in headers { n += k.utf8.count + 1 + v.estimatedSize }
+        return n
     }
 }
 
