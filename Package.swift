@@ -115,6 +115,8 @@ let package = Package(
                 "AMQP", "Redis", "RelayCore", "RelayContract", "RelayAMQP", "TokenClient", "WeChat",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Yams", package: "Yams"),
@@ -248,6 +250,8 @@ let package = Package(
             dependencies: [
                 "Worker", "Tokend", "TokenClient", "AMQP", "Redis", "RelayCore", "RelayContract", "RelayAMQP", "Simulator", "WeChat",
                 "TestSupport", "Ingress",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

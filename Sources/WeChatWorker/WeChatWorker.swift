@@ -38,57 +38,14 @@ struct Run: AsyncParsableCommand {
             let configuration = try WorkerConfiguration(env)
             let logger = RelayBootstrap.logger("wechat-worker", appID: configuration.appID)
             let metrics = WorkerMetrics(registry: RelayBootstrap.metrics())
-            // Two connections: consuming (and acks) and publishing (retries, dead letters), so that
-            // flow control on the publishing one never holds the acks.
-            let amqp = try AMQPConnection(configuration: configuration.amqp, topology: configuration.topology.inbound, logger: logger)
-            var publishing = configuration.amqp
-            publishing.connectionName = configuration.amqp.connectionName.map { "\($0)-publish" }
-            let publisher = try AMQPConnection(configuration: publishing, logger: logger)
-            let redis = RedisPool(configuration: configuration.redis, size: max(4, min(64, configuration.concurrency)), logger: logger)
-            let tokens = TokenClient(
-                redis: redis, keys: TokenKeys(appID: configuration.appID, prefix: configuration.topology.prefix), tokendURL: configuration.tokendURL,
-                tokendSecret: configuration.tokendSecret)
-            let worker = Worker(
-                amqp: amqp, publisher: publisher,
-                store: SessionStore(
-                    redis: redis, appID: configuration.appID, prefix: configuration.topology.prefix, sessionTTL: configuration.sessionTTL,
-                    finishedTTL: configuration.finishedTTL),
-                sender: Sender(apiURL: configuration.apiURL, http: .shared, tokens: tokens), rules: configuration.rules,
-                topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics, logger: logger)
-            let router = Router()
-            router.get("/healthz") { _, _ in "ok" }
-            router.get("/readyz") { _, _ -> Response in
-                let redisUp = (try? await redis.send(["PING"])) != nil
-                let ok = worker.isConsuming && redisUp
-                return Response(
-                    status: ok ? .ok : .serviceUnavailable,
-                    body: ResponseBody(byteBuffer: ByteBuffer(string: ok ? "ready" : "consuming=\(worker.isConsuming) redis=\(redisUp)")))
-            }
-            router.get("/metrics") { _, _ in metrics.registry.emitToString() }
-            let app = Application(router: router, server: RelayHTTP.server(idleTimeout: .seconds(30)), configuration: .init(address: .hostname("0.0.0.0", port: configuration.metricsPort)), logger: logger)
+            let app = try buildWorker(configuration: configuration, metrics: metrics, logger: logger)
             logger.info(
                 "wechat-worker starting",
                 metadata: [
                     "amqp.url": "\(configuration.amqp.redactedURL)", "redis.url": "\(configuration.redis.redactedURL)",
                     "wechat.api": "\(configuration.apiURL)", "worker.concurrency": "\(configuration.concurrency)",
                 ])
-            try await RelayBootstrap.runUntilSignalled([amqp, publisher, redis, WorkerService(worker: worker), app], logger: logger)
-        }
-    }
-}
-
-/// Runs the worker inside a ServiceGroup, retrying while RabbitMQ is down.
-struct WorkerService: Service {
-    let worker: Worker
-    func run() async throws {
-        while !Task.isCancelled, !Task.isShuttingDownGracefully {
-            do {
-                // Cancelled by graceful shutdown, so SIGTERM while RabbitMQ is down still exits at once.
-                try await cancelWhenGracefulShutdown { try await worker.amqp.waitUntilConnected() }
-                try await worker.run()
-            } catch {
-                try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(1)) }
-            }
+            try await RelayBootstrap.runUntilSignalled(app.services, logger: logger)
         }
     }
 }

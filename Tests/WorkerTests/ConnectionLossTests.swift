@@ -1,4 +1,8 @@
 import AMQP
+import AsyncHTTPClient
+import NIOCore
+import RelayCore
+import ServiceLifecycle
 import Simulator
 import TestSupport
 import Testing
@@ -75,6 +79,42 @@ struct WorkerFlowControlTests {
             let cols = line.split(whereSeparator: { $0 == "\t" || $0 == " " })
             guard cols.count == 2, shards.contains(String(cols[0])), let n = Int(cols[1]) else { return sum }
             return sum + n
+        }
+    }
+}
+
+/// `wechat-worker run` as `main` assembles it (``buildWorker``): configured from the
+/// environment, its two connections, Redis, the worker and its HTTP endpoints in one group.
+@Suite("Worker assembly", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(2)))
+struct WorkerAssemblyTests {
+    @Test func theAssembledWorkerRepliesAndReportsReady() async throws {
+        try await withStack(quota: 100, shards: 8) { s in
+            let port = try freePort()
+            let configuration = try WorkerConfiguration(RelayEnvironment([
+                "WECHAT_APPID": s.appID, "AMQP_URL": s.amqpURL, "REDIS_URL": try TestServices.redisURL(),
+                "WECHAT_API_URL": s.apiURL, "TOKEND_URL": s.tokendURL, "TOKEND_SECRET": "bearer",
+                "WECHAT_QUEUE_PREFIX": s.topology.prefix, "METRICS_PORT": String(port),
+            ]))
+            let app = try buildWorker(configuration: configuration, metrics: WorkerMetrics(), logger: workerLogger)
+            #expect(app.worker.amqp !== app.worker.publisher)
+            let group = ServiceGroup(configuration: .init(services: app.services.map { .init(service: $0) }, logger: workerLogger))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                defer { tasks.cancelAll() }
+                try await s.push("text", "帮助", from: "assembled")
+                #expect(await s.replies(to: "assembled", count: 1) == ["您好!输入“菜单”查看功能列表"])
+                let http = HTTPClient(eventLoopGroupProvider: .singleton)
+                func get(_ path: String) async throws -> (Int, String) {
+                    let r = try await http.execute(HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)"), timeout: .seconds(5))
+                    return (Int(r.status.code), String(buffer: try await r.body.collect(upTo: 1 << 20)))
+                }
+                try await eventually("ready") { (try? await get("/readyz"))?.0 == 200 }
+                #expect(try await get("/healthz").0 == 200)
+                #expect(try await get("/metrics").1.contains(#"wechat_worker_messages_total{outcome="replied"} 1"#))
+                try await http.shutdown()
+                await group.triggerGracefulShutdown()
+                try await tasks.next()
+            }
         }
     }
 }

@@ -142,13 +142,14 @@ func cleanUp(_ s: Stack) async {
 }
 
 /// Runs workers in a ServiceGroup while `body` runs, then shuts them down gracefully.
+/// They run in the production wrapper (``WorkerService``), after their two connections.
 func running(_ workers: [Worker], _ body: () async throws -> Void) async throws {
-    struct Runner: Service {
-        let worker: Worker
-        func run() async throws { try await worker.run() }
-    }
     let group = ServiceGroup(
-        configuration: .init(services: workers.flatMap { [.init(service: $0.amqp), .init(service: Runner(worker: $0))] }, logger: workerLogger))
+        configuration: .init(
+            services: workers.flatMap {
+                [.init(service: $0.amqp), .init(service: $0.publisher), .init(service: WorkerService(worker: $0))]
+            },
+            logger: workerLogger))
     try await withThrowingTaskGroup(of: Void.self) { tasks in
         tasks.addTask { try await group.run() }
         do {
