@@ -4,8 +4,9 @@ import PackageDescription
 /// WeChatRelay: a scale-out backend for WeChat Official Accounts.
 ///
 /// Layout: C system-library shims (`CRabbitMQ`, `CHiredis`), Swift client
-/// modules over them (`AMQP`, later `Redis`), and one thin executable target per
-/// binary named in docs/CONTRACT.md.
+/// modules over them (`AMQP`, `Redis`), the contract (`RelayContract`, `RelayAMQP`), one
+/// library per service and one thin executable target per binary named in docs/CONTRACT.md.
+/// The benchmark driver is a package of its own under `Benchmarks/`.
 let package = Package(
     name: "WeChatRelay",
     platforms: [.macOS(.v15)],
@@ -14,11 +15,12 @@ let package = Package(
         .executable(name: "wechat-worker", targets: ["WeChatWorker"]),
         .executable(name: "wechat-tokend", targets: ["WeChatTokend"]),
         .executable(name: "wechat-sim", targets: ["WeChatSim"]),
-        .executable(name: "relay-bench", targets: ["RelayBench"]),
         .executable(name: "relay-fuzz", targets: ["RelayFuzz"]),
         .library(name: "AMQP", targets: ["AMQP"]),
         .library(name: "WeChat", targets: ["WeChat"]),
         .library(name: "Redis", targets: ["Redis"]),
+        .library(name: "RelayContract", targets: ["RelayContract"]),
+        .library(name: "RelayAMQP", targets: ["RelayAMQP"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -177,19 +179,6 @@ let package = Package(
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
-        ),
-        .executableTarget(
-            name: "RelayBench",
-            dependencies: [
-                "AMQP",
-                "Redis",
-                "RelayCore",
-                "RelayContract",
-                "RelayAMQP",
-                "WeChat",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .target(name: "TestSupport", path: "Tests/TestSupport"),

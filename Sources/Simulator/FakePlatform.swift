@@ -175,7 +175,7 @@ public final class FakePlatform: Sendable {
     }
 
     /// How many times each token endpoint was called (tests count upstream calls with it).
-    public var tokenCalls: (token: Int, stableToken: Int) { state.withLock { ($0.tokenCalls, $0.stableTokenCalls) } }
+    package var tokenCalls: (token: Int, stableToken: Int) { state.withLock { ($0.tokenCalls, $0.stableTokenCalls) } }
 
     /// Checks an `access_token`: nil when valid, else 41001 (missing), 40014 (never issued),
     /// 42001 (expired), 40001 (superseded and past the overlap).
@@ -345,7 +345,7 @@ public final class FakePlatform: Sendable {
     }
 
     /// Returns once `count` API calls have arrived (for tests: "a send is in flight now").
-    public func waitForArrivals(_ count: Int) async {
+    package func waitForArrivals(_ count: Int) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             state.withLock { s in
                 if s.arrivals >= count { c.resume() } else { s.arrivalWaiters.append((count, c)) }
@@ -354,7 +354,7 @@ public final class FakePlatform: Sendable {
     }
 
     /// API calls that arrived so far (for tests: wait for `arrivalCount + n`).
-    public var arrivalCount: Int { state.withLock { $0.arrivals } }
+    package var arrivalCount: Int { state.withLock { $0.arrivals } }
 
     /// How many times custom/send was called, answered or not.
     public var sendCalls: Int { state.withLock { $0.sendCalls } }

@@ -23,13 +23,14 @@ public struct UpstreamError: Error, Sendable, CustomStringConvertible {
     public var description: String { "WeChat API error \(errcode): \(errmsg)" }
 }
 
-/// Something that happened to a credential; tests await these instead of sleeping.
-public struct RefreshEvent: Sendable {
-    public var kind: String
-    public var reason: RefreshReason
+/// Something that happened to a credential; tests await these instead of sleeping (package
+/// API: for this repository's tests, not a promise to users).
+package struct RefreshEvent: Sendable {
+    package var kind: String
+    package var reason: RefreshReason
     /// A short fingerprint of the new value (never the value itself).
-    public var fingerprint: String
-    public var expiresAt: Int64
+    package var fingerprint: String
+    package var expiresAt: Int64
 }
 
 /// Keeps one credential (the access_token or the jsapi_ticket) fresh in Redis.
@@ -82,7 +83,7 @@ public actor CredentialKeeper {
         return 0
         """)
 
-    public init(
+    package init(
         kind: String, key: String, redis: RedisPool, margin: Duration, logger: Logger,
         fetch: @escaping @Sendable (RefreshReason, String?) async throws -> (value: String, expiresIn: Int),
         onEvent: @escaping @Sendable (RefreshEvent) -> Void,

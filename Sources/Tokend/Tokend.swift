@@ -60,8 +60,8 @@ public final class Tokend: Sendable {
     private let refreshes: @Sendable (String, RefreshReason) -> Void
     private let upstreamErrors: CoreMetrics.Counter
     private let tokenAge: CoreMetrics.Gauge
-    /// Every refresh, for tests and tools.
-    public let events: AsyncStream<RefreshEvent>
+    /// Every refresh, for this repository's tests.
+    package let events: AsyncStream<RefreshEvent>
     private let eventSink: AsyncStream<RefreshEvent>.Continuation
 
     public init(configuration: TokendConfiguration, redis: RedisPool, http: HTTPClient = .shared, logger: Logger, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {

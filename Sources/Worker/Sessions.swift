@@ -197,8 +197,8 @@ public struct SessionStore: Sendable {
             Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName)], arguments: [sent ? "1" : "0", .init(finishedTTL)])
     }
 
-    /// The current session (for tests and tools).
-    public func session(_ openID: String) async throws -> SessionSnapshot {
+    /// The current session (for this repository's tests).
+    package func session(_ openID: String) async throws -> SessionSnapshot {
         SessionSnapshot(values: try await redis.hgetall(sessionKey(openID)))
     }
 }

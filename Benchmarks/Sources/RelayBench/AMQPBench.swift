@@ -3,7 +3,6 @@ import ArgumentParser
 import Logging
 import Foundation
 import Synchronization
-import RelayCore
 import WeChat
 import RelayContract
 import RelayAMQP
