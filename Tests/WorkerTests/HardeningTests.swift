@@ -84,8 +84,11 @@ struct WorkerHardeningTests {
                     #expect(await s.replies(to: "oReadonly", count: 1) == [help])
 
                     // #11: the send is accepted by WeChat while Redis is down.
+                    // Slow enough to stop Redis while the send is in flight, well inside the sender's
+                    // 5 s HTTP timeout (4 s was too close on a loaded machine: the send timed out
+                    // after WeChat took it, and its retry answered again — issue #16's case, not this one).
                     var slow = FakePlatform.Faults()
-                    slow.latencyMs = 4000
+                    slow.latencyMs = 2000
                     s.platform.faults = slow
                     let arrivals = s.platform.arrivalCount
                     try await s.push("text", "帮助", from: "oMark")
