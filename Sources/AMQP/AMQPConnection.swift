@@ -141,10 +141,12 @@ public final class AMQPConnection: Sendable {
                 .invalidMessage, "the body is \(message.body.count) bytes; the limit is \(configuration.maxMessageSize)")
         }
         // The properties travel in one frame: larger ones would fail half-written and take the connection down.
-        guard message.properties.estimatedSize <= Int(configuration.frameMax) - 1024 else {
+        let propertiesSize = message.properties.estimatedSize
+        guard propertiesSize <= Int(configuration.frameMax) - 1024 else {
             throw AMQPError(
-                .invalidMessage, "the properties and headers take about \(message.properties.estimatedSize) bytes; one frame holds \(configuration.frameMax)")
+                .invalidMessage, "the properties and headers take about \(propertiesSize) bytes; one frame holds \(configuration.frameMax)")
         }
+        let wireSize = message.body.count + exchange.utf8.count + routingKey.utf8.count + propertiesSize
         guard mailbox.isConnected else {
             throw AMQPError(.notConnected, "not connected to \(configuration.redactedURL)")
         }
@@ -160,7 +162,8 @@ public final class AMQPConnection: Sendable {
         let deadline = confirmTimeout.map { ContinuousClock.now + $0 }
         try await run { core, c in
             core.publish(
-                message, exchange: exchange, routingKey: routingKey, mandatory: mandatory, deadline: deadline, c)
+                message, exchange: exchange, routingKey: routingKey, mandatory: mandatory, deadline: deadline,
+                wireSize: wireSize, c)
         }
     }
 

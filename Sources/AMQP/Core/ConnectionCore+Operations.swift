@@ -143,7 +143,7 @@ extension ConnectionCore {
 
     func publish(
         _ message: AMQPMessage, exchange: String, routingKey: String, mandatory: Bool,
-        deadline: ContinuousClock.Instant?, _ done: Reply<Void>
+        deadline: ContinuousClock.Instant?, wireSize: Int, _ done: Reply<Void>
     ) {
         guard wire != nil, !machine.isClosingOrClosed else { return done.resume(throwing: notConnected()) }
         if machine.isBlocked { return done.resume(throwing: blocked()) }
@@ -162,7 +162,10 @@ extension ConnectionCore {
                 return done.resume(throwing: error)
             }
         }
-        outbox.append(.init(message: message, exchange: exchange, routingKey: routingKey, mandatory: mandatory, deadline: deadline, reply: done))
+        outbox.append(
+            .init(
+                message: message, exchange: exchange, routingKey: routingKey, mandatory: mandatory, deadline: deadline,
+                reply: done, wireSize: wireSize))
         flushOutbox()
     }
 

@@ -12,11 +12,9 @@ struct Outbox {
         var mandatory: Bool
         var deadline: ContinuousClock.Instant?
         var reply: ConnectionCore.Reply<Void>
-
-        /// A generous estimate of the frames' size on the wire: method, header with properties, body.
-        var wireSize: Int {
-            message.body.count + exchange.utf8.count + routingKey.utf8.count + message.properties.estimatedSize
-        }
+        /// A generous estimate of the frames' size on the wire: method, header with properties,
+        /// body (computed once, by the caller that validated the message).
+        var wireSize: Int
     }
 
     private var entries: [Entry] = []
