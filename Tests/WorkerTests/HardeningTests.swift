@@ -276,6 +276,24 @@ struct WorkerHardeningTests {
     }
 }
 
+/// #15: retries wait in quorum delay queues with at-least-once dead-lettering (classic
+/// dead-lettering is at-most-once: a node crash at a retry's expiry dropped it).
+@Suite("Delay queues")
+struct DelayQueueTests {
+    @Test func delayQueuesAreQuorumWithAtLeastOnceDeadLettering() {
+        let retry = RetryTopology(base: WeChatTopology(prefix: "t"))
+        let delayQueues = retry.topology.queues.filter { $0.name.hasPrefix("t.retry.") }
+        #expect(delayQueues.map(\.name) == ["t.retry.0.q", "t.retry.1.q", "t.retry.2.q"])
+        for q in delayQueues {
+            #expect(q.arguments["x-queue-type"] == .string("quorum"))
+            #expect(q.arguments["x-dead-letter-strategy"] == .string("at-least-once"))
+            #expect(q.arguments["x-overflow"] == .string("reject-publish"))  // required by at-least-once
+            #expect(q.arguments["x-dead-letter-exchange"] == .string("t.inbound"))
+        }
+        #expect(delayQueues.map { $0.arguments["x-message-ttl"] } == [.int(1000), .int(5000), .int(30000)])
+    }
+}
+
 @Suite("Shard assignment")
 struct ShardAssignmentTests {
     /// #12/#15: the split is deterministic, complete and even, whatever order the view lists members in.
