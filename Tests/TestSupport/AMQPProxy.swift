@@ -41,21 +41,16 @@ public final class AMQPProxy: Sendable {
         guard fd >= 0 else { throw POSIXError(.EMFILE) }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, length) == 0 && listen(fd, 128) == 0 && getsockname(fd, $0, &length) == 0
-            }
+        var bound = 0
+        let ok = withLoopbackAddress(port: 0, boundPort: &bound) { address, length in
+            bind(fd, address, length.pointee) == 0 && listen(fd, 128) == 0 && getsockname(fd, address, length) == 0
         }
         guard ok else {
             close(fd)
             throw POSIXError(.EADDRINUSE)
         }
         listener = fd
-        port = Int(UInt16(bigEndian: address.sin_port))
+        port = bound
         let thread = Thread { [self] in acceptLoop() }
         thread.name = "amqp-proxy-accept"
         thread.start()
@@ -204,13 +199,7 @@ public final class AMQPProxy: Sendable {
     private static func connectLoopback(port: Int) -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return -1 }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let ok = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-        }
+        let ok = withLoopbackAddress(port: port) { address, length in connect(fd, address, length.pointee) == 0 }
         if !ok {
             close(fd)
             return -1

@@ -239,13 +239,7 @@ public func freePort() throws -> Int {
     for _ in 0..<1000 {
         let port = Int.random(in: 10000...max(10001, low - 1))
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let ok = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-        }
+        let ok = withLoopbackAddress(port: port) { address, length in bind(fd, address, length.pointee) == 0 }
         close(fd)
         if ok { return port }
     }
@@ -255,13 +249,32 @@ public func freePort() throws -> Int {
 public func canConnect(port: Int) -> Bool {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
+    return withLoopbackAddress(port: port) { address, length in connect(fd, address, length.pointee) == 0 }
+}
+
+/// Runs `body` (`bind`, `connect`, `getsockname`, …) with the IPv4 loopback address of `port`
+/// and its length; returns `body`'s answer and, in `port`, the address's port afterwards
+/// (for `getsockname` after binding port 0).
+public func withLoopbackAddress<T>(
+    port: Int, _ body: (UnsafeMutablePointer<sockaddr>, UnsafeMutablePointer<socklen_t>) -> T
+) -> T {
+    var bound = 0
+    return withLoopbackAddress(port: port, boundPort: &bound, body)
+}
+
+public func withLoopbackAddress<T>(
+    port: Int, boundPort: inout Int, _ body: (UnsafeMutablePointer<sockaddr>, UnsafeMutablePointer<socklen_t>) -> T
+) -> T {
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
     address.sin_port = in_port_t(UInt16(port).bigEndian)
     address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    return withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let result = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, &length) }
     }
+    boundPort = Int(UInt16(bigEndian: address.sin_port))
+    return result
 }
 
 /// A Redis of a test's own: a plain `redis-server` on a free loopback port, no persistence,

@@ -14,63 +14,64 @@ struct WorkerConnectionLossTests {
     /// finds the connection gone: that is not a processing failure (no copy goes to a delay
     /// queue); the broker redelivers the original, which finds the reply recorded.
     @Test func aConnectionBrokenMidSendIsNotARetry() async throws {
-        try await withStack(quota: 100) { s in
-            let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
-            defer { proxy.stop() }
-            var faults = FakePlatform.Faults()
-            faults.latencyMs = 1500
-            s.platform.faults = faults
-            let w = try await s.worker(consumingURL: proxy.url)
-            try await running([w]) {
-                await w.waitUntilOwning(2)
-                let arrivals = s.platform.arrivalCount
-                try await s.push("text", "hello", from: "u1")
-                try await eventually("the send reached the API") { s.platform.arrivalCount > arrivals }
-                proxy.cutAll()
-                #expect(await s.replies(to: "u1", count: 1).count == 1)
-                try await eventually("the redelivery dropped as a duplicate") { duplicates(w) >= 1 }
-                #expect(retried(w) == 0)
-                #expect(s.platform.messages(touser: "u1").count == 1)
-            }
+        try await withSlowSendsAndACuttableConnection(concurrency: 16) { s, proxy, w in
+            let arrivals = s.platform.arrivalCount
+            try await s.push("text", "hello", from: "u1")
+            try await eventually("the send reached the API") { s.platform.arrivalCount > arrivals }
+            proxy.cutAll()
+            #expect(await s.replies(to: "u1", count: 1).count == 1)
+            try await eventually("the redelivery dropped as a duplicate") { duplicates(w) >= 1 }
+            #expect(retried(w) == 0)
+            #expect(s.platform.messages(touser: "u1").count == 1)
         }
     }
 }
 
 extension WorkerConnectionLossTests {
-    /// Deliveries waiting for a permit when the consuming connection breaks are not processed
-    /// when their turn comes: the broker has them back, and the redeliveries are answered
-    /// (once each) instead.
-    @Test func deliveriesThatWentStaleWhileQueuedAreNotProcessed() async throws {
+    /// A stack whose API answers sends after 1.5 s, and a running worker whose consuming
+    /// connection goes through a proxy the test can cut; `body` runs once it owns both shards.
+    func withSlowSendsAndACuttableConnection(
+        concurrency: Int, _ body: @escaping @Sendable (Stack, AMQPProxy, Worker) async throws -> Void
+    ) async throws {
         try await withStack(quota: 100) { s in
             let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
             defer { proxy.stop() }
             var faults = FakePlatform.Faults()
             faults.latencyMs = 1500
             s.platform.faults = faults
-            let w = try await s.worker(concurrency: 1, consumingURL: proxy.url)
+            let w = try await s.worker(concurrency: concurrency, consumingURL: proxy.url)
             try await running([w]) {
                 await w.waitUntilOwning(2)
-                let arrivals = s.platform.arrivalCount
-                try await s.push("text", "帮助", from: "first")
-                try await eventually("the first send reached the API") { s.platform.arrivalCount > arrivals }
-                // A user of the other shard: its delivery comes (prefetch 1 per shard) and waits
-                // for the one permit while the first send is slow.
-                let first = s.topology.shard(openID: "first")
-                let other = try #require((0..<100).map { "other-\($0)" }.first { s.topology.shard(openID: $0) != first })
-                try await s.push("text", "帮助", from: other)
-                try await eventually("both delivered to the worker") {
-                    var ready = 0
-                    for n in 0..<s.topology.shardCount { ready += try await s.pusher.queueInfo(s.topology.shardQueue(n)).messageCount }
-                    return ready == 0
-                }
-                proxy.cutAll()
-                for u in ["first", other] { #expect(await s.replies(to: u, count: 1).count == 1) }
-                // Only the first (in flight during the break) comes back as a duplicate; the
-                // queued one was skipped, and its redelivery was its first processing.
-                try await eventually("the first one's redelivery dropped") { duplicates(w) >= 1 }
-                #expect(duplicates(w) == 1)
-                for u in ["first", other] { #expect(s.platform.messages(touser: u).count == 1) }
+                try await body(s, proxy, w)
             }
+        }
+    }
+
+    /// Deliveries waiting for a permit when the consuming connection breaks are not processed
+    /// when their turn comes: the broker has them back, and the redeliveries are answered
+    /// (once each) instead.
+    @Test func deliveriesThatWentStaleWhileQueuedAreNotProcessed() async throws {
+        try await withSlowSendsAndACuttableConnection(concurrency: 1) { s, proxy, w in
+            let arrivals = s.platform.arrivalCount
+            try await s.push("text", "帮助", from: "first")
+            try await eventually("the first send reached the API") { s.platform.arrivalCount > arrivals }
+            // A user of the other shard: its delivery comes (prefetch 1 per shard) and waits
+            // for the one permit while the first send is slow.
+            let first = s.topology.shard(openID: "first")
+            let other = try #require((0..<100).map { "other-\($0)" }.first { s.topology.shard(openID: $0) != first })
+            try await s.push("text", "帮助", from: other)
+            try await eventually("both delivered to the worker") {
+                var ready = 0
+                for n in 0..<s.topology.shardCount { ready += try await s.pusher.queueInfo(s.topology.shardQueue(n)).messageCount }
+                return ready == 0
+            }
+            proxy.cutAll()
+            for u in ["first", other] { #expect(await s.replies(to: u, count: 1).count == 1) }
+            // Only the first (in flight during the break) comes back as a duplicate; the
+            // queued one was skipped, and its redelivery was its first processing.
+            try await eventually("the first one's redelivery dropped") { duplicates(w) >= 1 }
+            #expect(duplicates(w) == 1)
+            for u in ["first", other] { #expect(s.platform.messages(touser: u).count == 1) }
         }
     }
 }
