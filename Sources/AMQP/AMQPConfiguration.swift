@@ -27,8 +27,14 @@ public struct AMQPConfiguration: Sendable {
     public var heartbeat: Duration
     /// Shown in the management UI and `rabbitmqctl list_connections`.
     public var connectionName: String?
-    /// Bound on TCP connect and on each synchronous AMQP method (declare, consume, …).
+    /// Bound on the TCP connect.
     public var connectTimeout: Duration
+    /// Bound on the login and on each synchronous AMQP method (declare, consume, …). A method
+    /// that runs out closes the connection (its reply may still come, so the channel's state is
+    /// unknown). Generous: declaring a quorum queue on a busy broker or cluster takes seconds,
+    /// and a timeout that fires under load turns into a reconnect-and-redeclare loop; a dead peer
+    /// is noticed by the heartbeat instead.
+    public var rpcTimeout: Duration
     /// First delay between reconnection attempts; doubles up to ``maxReconnectDelay``.
     public var minReconnectDelay: Duration
     public var maxReconnectDelay: Duration
@@ -143,6 +149,7 @@ public struct AMQPConfiguration: Sendable {
         self.heartbeat = .seconds(30)
         self.connectionName = connectionName
         self.connectTimeout = .seconds(5)
+        self.rpcTimeout = .seconds(30)
         self.minReconnectDelay = .milliseconds(100)
         self.maxReconnectDelay = .seconds(5)
         self.frameMax = 131_072

@@ -107,6 +107,7 @@ public struct FakeAPI: Sendable {
         if case .news(let articles) = message.content, articles.count > 1 {
             return Self.error(WeChatErrorCode.articleLimitExceeded, "article size out of limit")
         }
+        await platform.passGate(touser: message.toUser)
         let answer = platform.sendCustomerService(message, body: text)
         if answer.errcode != 0 {
             logger.info("custom/send refused", metadata: ["wechat.openid": "\(message.toUser)", "wechat.errcode": "\(answer.errcode)"])

@@ -110,6 +110,10 @@ public final class FakePlatform: Sendable {
         var refusals: [Int: Int] = [:]
         var tokenCalls = 0
         var stableTokenCalls = 0
+        /// Users whose custom/send calls wait at the gate (tests), and the calls waiting there.
+        var held: Set<String> = []
+        var atGate: [(touser: String, continuation: CheckedContinuation<Void, Never>)] = []
+        var arrivedAtGate: [String: Int] = [:]
     }
 
     public let settings: Settings
@@ -355,6 +359,40 @@ public final class FakePlatform: Sendable {
 
     /// API calls that arrived so far (for tests: wait for `arrivalCount + n`).
     package var arrivalCount: Int { state.withLock { $0.arrivals } }
+
+    /// Makes every custom/send call to `touser` wait (before it is decided) until ``release(touser:)``:
+    /// a send that is in flight for as long as a test needs.
+    package func hold(touser: String) {
+        state.withLock { _ = $0.held.insert(touser) }
+    }
+
+    /// Lets the calls to `touser` waiting at the gate, and every later one, through.
+    package func release(touser: String) {
+        state.withLock { s in
+            s.held.remove(touser)
+            s.atGate.removeAll { w in
+                guard w.touser == touser else { return false }
+                w.continuation.resume()
+                return true
+            }
+        }
+    }
+
+    /// Called by the fake API for each custom/send: returns at once unless `touser` is held.
+    package func passGate(touser: String) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            state.withLock { s in
+                guard s.held.contains(touser) else { return c.resume() }
+                s.atGate.append((touser, c))
+                s.arrivedAtGate[touser, default: 0] += 1
+            }
+        }
+    }
+
+    /// custom/send calls to `touser` that reached the gate while it was held, so far.
+    package func heldCount(touser: String) -> Int {
+        state.withLock { $0.arrivedAtGate[touser, default: 0] }
+    }
 
     /// How many times custom/send was called, answered or not.
     public var sendCalls: Int { state.withLock { $0.sendCalls } }

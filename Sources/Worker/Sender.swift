@@ -25,11 +25,15 @@ public struct Sender: Sendable {
     let apiURL: String
     let http: HTTPClient
     let tokens: TokenClient
+    let timeout: Duration
 
-    public init(apiURL: String, http: HTTPClient, tokens: TokenClient) {
+    /// - Parameter timeout: bound on one API call (connect, send, answer); a call that runs
+    ///   out is retried later through a delay queue.
+    public init(apiURL: String, http: HTTPClient, tokens: TokenClient, timeout: Duration = .seconds(5)) {
         self.apiURL = apiURL.hasSuffix("/") ? String(apiURL.dropLast()) : apiURL
         self.http = http
         self.tokens = tokens
+        self.timeout = timeout
     }
 
     public func send(_ message: CustomerServiceMessage) async -> SendOutcome {
@@ -76,7 +80,7 @@ public struct Sender: Sendable {
         request.headers.add(name: "Content-Type", value: "application/json; charset=utf-8")
         request.body = .bytes(ByteBuffer(bytes: body))
         do {
-            let response = try await http.execute(request, timeout: .seconds(5))
+            let response = try await http.execute(request, timeout: TimeAmount(timeout))
             let data = Data(try await response.body.collect(upTo: 1 << 16).readableBytesView)
             guard response.status == .ok else { return .done(.retryLater("HTTP \(response.status.code)")) }
             guard let answer = try? JSONDecoder().decode(APIErrorResponse.self, from: data) else {

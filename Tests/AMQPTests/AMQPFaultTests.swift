@@ -190,6 +190,28 @@ struct AMQPConnectionLossTests {
         await amqp.close()
     }
 
+    /// A CI run on a loaded machine saw quorum-queue declares take over 5 s: the login and every
+    /// synchronous method were bounded by the TCP connect timeout, so each such connect failed
+    /// and was retried into the same load. They are bounded by `rpcTimeout` now (fails when the
+    /// RPC bound is the connect timeout).
+    @Test func aSlowBrokerIsWaitedForNotReconnected() async throws {
+        let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
+        defer { proxy.stop() }
+        let slow: Duration = .milliseconds(1500)
+        proxy.setDelay { _, m in m == AMQPProxy.Method.connectionOpen || m == AMQPProxy.Method.queueDeclare ? slow : nil }
+        let name = TestServices.unique("slow")
+        var config = try AMQPConfiguration(url: proxy.url, connectionName: "amqp-slow-broker")
+        config.connectTimeout = .milliseconds(500)
+        #expect(config.rpcTimeout > slow)
+        let amqp = try await AMQPConnection.connect(configuration: config, topology: testTopology(name), logger: testLogger)
+        #expect(proxy.accepted == 1)
+        try await amqp.publish(AMQPMessage("slow"), exchange: "\(name).x", routingKey: "k", confirmTimeout: .seconds(10))
+        #expect(try await amqp.queueInfo("\(name).q").messageCount == 1)
+        proxy.setDelay { _, _ in nil }
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
     @Test func mismatchedCredentialsInAnAddressListAreRefused() {
         #expect(throws: AMQPError.self) {
             try AMQPConfiguration(url: "amqp://a:b@h1/%2F,amqp://a:c@h2/%2F")

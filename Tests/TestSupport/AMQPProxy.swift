@@ -26,11 +26,16 @@ public final class AMQPProxy: Sendable {
     /// of forwarding it. Arguments: the connection's number (0, 1, …) and the method id.
     public typealias CutRule = @Sendable (_ connection: Int, _ method: UInt32) -> Bool
 
+    /// Decides, for each method frame a client sends, how long to hold it (and everything the
+    /// client sends after it) before forwarding: a slow broker, as the client sees it.
+    public typealias DelayRule = @Sendable (_ connection: Int, _ method: UInt32) -> Duration?
+
     public let port: Int
     public var url: String { "amqp://guest:guest@127.0.0.1:\(port)/%2F" }
     private let targetPort: Int
     private let listener: Int32
     private let rule: Mutex<CutRule>
+    private let delayRule = Mutex<DelayRule>({ _, _ in nil })
     private let state = Mutex<(accepted: Int, cuts: Int, live: [Int: (Int32, Int32)], stopped: Bool)>((0, 0, [:], false))
 
     /// Listens on a free loopback port and forwards to `targetPort` on 127.0.0.1.
@@ -58,6 +63,9 @@ public final class AMQPProxy: Sendable {
 
     /// Replaces the cut rule (for connections already open too).
     public func setRule(_ cut: @escaping CutRule) { rule.withLock { $0 = cut } }
+
+    /// Replaces the delay rule (for connections already open too).
+    public func setDelay(_ delay: @escaping DelayRule) { delayRule.withLock { $0 = delay } }
 
     /// How many client connections were accepted, and how many were cut by the rule.
     public var accepted: Int { state.withLock { $0.accepted } }
@@ -163,6 +171,10 @@ public final class AMQPProxy: Sendable {
                     if cut {
                         state.withLock { $0.cuts += 1 }
                         return
+                    }
+                    if let delay = delayRule.withLock({ $0 })(index, method) {
+                        // The latency itself, on the proxy's own thread (no test waits on it).
+                        Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18)
                     }
                 }
                 guard Self.sendAll(upstream, buffer[start..<(start + total)]) else { return }

@@ -156,31 +156,39 @@ struct WorkerHardeningTests {
 
     /// #16: 64 queued messages of one user held every permit while running one at a time, so
     /// other users (on another shard) waited for that user's backlog.
+    ///
+    /// Event-driven: the flooder's first send is held in flight at the fake API (its other 15
+    /// messages queue behind it, as one user's messages must); every other user must be answered
+    /// while it is still held. With the permits taken by the queued backlog, the others wait for a
+    /// permit that is never freed and the bounded wait fails.
     @Test func oneUsersBacklogDoesNotHoldOtherUsersPermits() async throws {
         try await withStack(quota: 1000) { s in
-            let w = try await s.worker(concurrency: 8)
-            var slow = FakePlatform.Faults()
-            slow.latencyMs = 400
+            // A send held longer than the sender's timeout would be retried; hold it well inside one.
+            let w = try await s.worker(concurrency: 8, sendTimeout: .seconds(300))
             let flooder = "oFlood"
             let floodShard = s.topology.shard(openID: flooder)
             let others = (0..<400).map { "oOther\($0)" }.filter { s.topology.shard(openID: $0) != floodShard }.prefix(8)
             try await running([w]) {
                 await w.waitUntilOwning(s.topology.shardCount)
-                s.platform.faults = slow
+                s.platform.hold(touser: flooder)
                 for _ in 0..<16 { try await s.push("text", "帮助", from: flooder) }
-                _ = await s.platform.waitForMessages(touser: flooder, count: 1)
+                try await eventually("the flooder's first send reaches the API") { s.platform.heldCount(touser: flooder) >= 1 }
                 for u in others { try await s.push("text", "帮助", from: u) }
-                _ = await s.platform.waitForMessages(touser: flooder, count: 16)
-                for u in others { _ = await s.platform.waitForMessages(touser: u, count: 1) }
+                var unanswered: (any Error)?
+                do {
+                    try await eventually("every other user is answered while the flooder's send is held", within: 60) {
+                        others.allSatisfy { s.platform.count(touser: $0) >= 1 }
+                    }
+                } catch {
+                    unanswered = error
+                }
+                #expect(s.platform.count(touser: flooder) == 0)
+                s.platform.release(touser: flooder)
+                if let unanswered { throw unanswered }
+                try await eventually("the flooder's backlog is answered after the release", within: 60) {
+                    s.platform.count(touser: flooder) >= 16
+                }
             }
-            // The other users ran in parallel, at once: every one of them was answered before the
-            // flooder's sixth reply (pushed after its first, they waited for no permit of its backlog;
-            // with the permits taken by the backlog they came one every other flooder reply, the last
-            // after its sixteenth).
-            let order = s.platform.messages().map(\.touser)
-            let lastOther = try #require(order.lastIndex { others.contains($0) })
-            let flooderReplies = order.enumerated().filter { $0.element == flooder }.map(\.offset)
-            #expect(lastOther < flooderReplies[5], "other users waited behind one user's backlog: \(order)")
         }
     }
 

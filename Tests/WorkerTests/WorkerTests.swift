@@ -42,7 +42,7 @@ struct Stack: Sendable {
     func worker(
         rules: ReplyRules = .defaults, concurrency: Int = 16, sessions: RedisPool? = nil,
         retryDelays: [Duration] = RetryTopology.defaultDelays, membership: (interval: Duration, ttl: Duration)? = nil,
-        consumingURL: String? = nil
+        consumingURL: String? = nil, sendTimeout: Duration = .seconds(5)
     ) async throws -> Worker {
         var config = try AMQPConfiguration(url: consumingURL ?? amqpURL, connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
@@ -52,7 +52,7 @@ struct Stack: Sendable {
         let publisher = try await AMQPConnection.connect(configuration: publishing, logger: workerLogger)
         let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID, prefix: topology.prefix), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
         let worker = Worker(
-            amqp: amqp, publisher: publisher, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens),
+            amqp: amqp, publisher: publisher, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens, timeout: sendTimeout),
             rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
             retryDelays: retryDelays)
         if let membership { worker.membershipTiming = membership }

@@ -43,8 +43,9 @@ final class Wire {
             destroy()
             throw AMQPError(.connectionFailed, "cannot connect to \(place): \(Status.describe(opened))", status: opened)
         }
-        _ = amqp_set_rpc_timeout(state, &tv)
-        _ = amqp_set_handshake_timeout(state, &tv)  // the login too (librabbitmq's default is 12 s)
+        var rpc = timeval(duration: c.rpcTimeout)
+        _ = amqp_set_rpc_timeout(state, &rpc)
+        _ = amqp_set_handshake_timeout(state, &rpc)  // the login too (librabbitmq's default is 12 s)
         defer { arena.reset() }
         var capabilities: AMQPTable = [
             "capabilities": .table([
@@ -74,9 +75,14 @@ final class Wire {
         amqp_destroy_connection(s)
     }
 
-    /// Says `connection.close` (bounded by the RPC timeout), then frees everything.
-    func closeGracefully() {
-        if let s = state, deathError == nil { _ = amqp_connection_close(s, AMQP_REPLY_SUCCESS) }
+    /// Says `connection.close` (waiting at most `timeout` for the broker's answer, so that a
+    /// hung broker cannot stretch a shutdown), then frees everything.
+    func closeGracefully(timeout: Duration) {
+        if let s = state, deathError == nil {
+            var tv = timeval(duration: timeout)
+            _ = amqp_set_rpc_timeout(s, &tv)
+            _ = amqp_connection_close(s, AMQP_REPLY_SUCCESS)
+        }
         destroy()
     }
 

@@ -249,7 +249,7 @@ final class ConnectionCore {
     func finishClose() {
         if let w = wire {
             wire = nil
-            w.closeGracefully()
+            w.closeGracefully(timeout: configuration.connectTimeout)
         }
         mailbox.setConnected(false, generation: 0)
         let closed = AMQPError(.closed, "the connection was closed")
