@@ -15,10 +15,11 @@ struct WorkerConnectionLossTests {
     /// queue); the broker redelivers the original, which finds the reply recorded.
     @Test func aConnectionBrokenMidSendIsNotARetry() async throws {
         try await withSlowSendsAndACuttableConnection(concurrency: 16) { s, proxy, w in
-            let arrivals = s.platform.arrivalCount
+            s.platform.hold(touser: "u1")
             try await s.push("text", "hello", from: "u1")
-            try await eventually("the send reached the API") { s.platform.arrivalCount > arrivals }
+            try await eventually("the send reached the API") { s.platform.heldCount(touser: "u1") >= 1 }
             proxy.cutAll()
+            s.platform.release(touser: "u1")
             #expect(await s.replies(to: "u1", count: 1).count == 1)
             try await eventually("the redelivery dropped as a duplicate") { duplicates(w) >= 1 }
             #expect(retried(w) == 0)
@@ -28,18 +29,17 @@ struct WorkerConnectionLossTests {
 }
 
 extension WorkerConnectionLossTests {
-    /// A stack whose API answers sends after 1.5 s, and a running worker whose consuming
-    /// connection goes through a proxy the test can cut; `body` runs once it owns both shards.
+    /// A stack and a running worker whose consuming connection goes through a proxy the test
+    /// can cut; `body` runs once it owns both shards. Tests hold a user's sends in flight at the
+    /// fake API (``FakePlatform/hold(touser:)``) for as long as they need, inside the sender's
+    /// timeout (raised to 60 s here, so that a slow machine cannot turn the hold into a retry).
     func withSlowSendsAndACuttableConnection(
         concurrency: Int, _ body: @escaping @Sendable (Stack, AMQPProxy, Worker) async throws -> Void
     ) async throws {
         try await withStack(quota: 100) { s in
             let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
             defer { proxy.stop() }
-            var faults = FakePlatform.Faults()
-            faults.latencyMs = 1500
-            s.platform.faults = faults
-            let w = try await s.worker(concurrency: concurrency, consumingURL: proxy.url)
+            let w = try await s.worker(concurrency: concurrency, consumingURL: proxy.url, sendTimeout: .seconds(60))
             try await running([w]) {
                 await w.waitUntilOwning(2)
                 try await body(s, proxy, w)
@@ -52,11 +52,11 @@ extension WorkerConnectionLossTests {
     /// (once each) instead.
     @Test func deliveriesThatWentStaleWhileQueuedAreNotProcessed() async throws {
         try await withSlowSendsAndACuttableConnection(concurrency: 1) { s, proxy, w in
-            let arrivals = s.platform.arrivalCount
+            s.platform.hold(touser: "first")
             try await s.push("text", "帮助", from: "first")
-            try await eventually("the first send reached the API") { s.platform.arrivalCount > arrivals }
+            try await eventually("the first send reached the API") { s.platform.heldCount(touser: "first") >= 1 }
             // A user of the other shard: its delivery comes (prefetch 1 per shard) and waits
-            // for the one permit while the first send is slow.
+            // for the one permit while the first send is held.
             let first = s.topology.shard(openID: "first")
             let other = try #require((0..<100).map { "other-\($0)" }.first { s.topology.shard(openID: $0) != first })
             try await s.push("text", "帮助", from: other)
@@ -66,6 +66,7 @@ extension WorkerConnectionLossTests {
                 return ready == 0
             }
             proxy.cutAll()
+            s.platform.release(touser: "first")
             for u in ["first", other] { #expect(await s.replies(to: u, count: 1).count == 1) }
             // Only the first (in flight during the break) comes back as a duplicate; the
             // queued one was skipped, and its redelivery was its first processing.

@@ -83,22 +83,17 @@ struct WorkerHardeningTests {
                     _ = try await sessions.send(["REPLICAOF", "NO", "ONE"])
                     #expect(await s.replies(to: "oReadonly", count: 1) == [help])
 
-                    // #11: the send is accepted by WeChat while Redis is down.
-                    // Slow enough to stop Redis while the send is in flight, well inside the sender's
-                    // 5 s HTTP timeout (4 s was too close on a loaded machine: the send timed out
-                    // after WeChat took it, and its retry answered again — issue #16's case, not this one).
-                    var slow = FakePlatform.Faults()
-                    slow.latencyMs = 2000
-                    s.platform.faults = slow
-                    let arrivals = s.platform.arrivalCount
+                    // #11: the send is accepted by WeChat while Redis is down: the send is held in
+                    // flight at the fake API while Redis stops, then let through.
+                    s.platform.hold(touser: "oMark")
                     try await s.push("text", "帮助", from: "oMark")
-                    await s.platform.waitForArrivals(arrivals + 1)  // the send is in flight
+                    try await eventually("the send is in flight") { s.platform.heldCount(touser: "oMark") >= 1 }
                     redisHost.stop()
+                    s.platform.release(touser: "oMark")
                     _ = await s.platform.waitForMessages(touser: "oMark", count: 1)  // WeChat accepted it
                     try await eventually("the worker tried to record the send") {
                         metric(w, "wechat_worker_mark_retries_total ") >= 1 || retried(w) > 2 * delays.count
                     }
-                    s.platform.faults = FakePlatform.Faults()
                     try await redisHost.start()
                 }
                 // After a graceful shutdown nothing is left to retry, and the reply went out once.
