@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "wechat-tokend", targets: ["WeChatTokend"]),
         .executable(name: "wechat-sim", targets: ["WeChatSim"]),
         .executable(name: "relay-fuzz", targets: ["RelayFuzz"]),
+        .executable(name: "wechat-dev", targets: ["WeChatDev"]),
         .library(name: "AMQP", targets: ["AMQP"]),
         .library(name: "WeChat", targets: ["WeChat"]),
         .library(name: "Redis", targets: ["Redis"]),
@@ -36,6 +37,8 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-nio-extras", from: "1.35.2"),
+        .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         .systemLibrary(
@@ -183,6 +186,17 @@ let package = Package(
         ),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         // Fuzz targets (ops/fuzz builds them with libFuzzer; the normal build replays Fuzz/corpus).
+        // The local stack's supervisor (`ops/dev`): starts, watches and stops the processes.
+        .target(
+            name: "DevStack",
+            dependencies: [
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .executableTarget(name: "WeChatDev", dependencies: ["DevStack"]),
         .executableTarget(
             name: "RelayFuzz",
             dependencies: ["WeChat", .product(name: "HummingbirdCore", package: "hummingbird")],
@@ -249,7 +263,7 @@ let package = Package(
         .testTarget(
             name: "OpsTests",
             dependencies: [
-                "AMQP", "RelayCore", "RelayContract", "RelayAMQP", "Worker", "TestSupport",
+                "AMQP", "RelayCore", "RelayContract", "RelayAMQP", "Worker", "TestSupport", "DevStack",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ]

@@ -46,31 +46,3 @@ struct NginxTests {
         #expect(try Repo.read("ops/nginx/tls.conf").contains("listen 443 ssl"))
     }
 }
-
-/// The run command: ops/dev-check starts `ops/dev` (with the executables this
-/// test run built), checks the demo reply and two more messages through nginx,
-/// sends Ctrl-C and checks that every process it started is gone and nothing
-/// else was touched. Bounded by the script (240 s to start, 60 s to stop).
-@Suite("ops/dev")
-struct DevStackTests {
-    func devCheck(_ arguments: [String] = []) async throws -> String {
-        let bin = try #require(TestServices.environment["WR_BIN_DIR"], "ops/test exports WR_BIN_DIR")
-        return try await runCommand("/usr/bin/env", ["DEV_BIN_DIR=\(bin)", Repo.path("ops/dev-check")] + arguments, includeStandardError: true)
-    }
-
-    /// With brokers of its own, started and stopped by ops/dev.
-    @Test(.enabled(if: TestServices.environment["WR_BIN_DIR"] != nil || TestServices.isCI))
-    func startsAnswersTheDemoAndStopsCleanly() async throws {
-        let output = try await devCheck()
-        #expect(output.contains("dev-check: ok (own brokers;"), "\(output)")
-    }
-
-    /// With the test run's RabbitMQ and Redis (AMQP_URL, REDIS_URL): used, and left running.
-    @Test(.enabled(if: (TestServices.environment["WR_BIN_DIR"] != nil && TestServices.amqpEnabled && TestServices.redisEnabled) || TestServices.isCI))
-    func reusesRunningBrokersAndLeavesThemRunning() async throws {
-        _ = try TestServices.amqpURL()
-        _ = try TestServices.redisURL()
-        let output = try await devCheck(["--reuse"])
-        #expect(output.contains("dev-check: ok (reused brokers, still running;"), "\(output)")
-    }
-}
