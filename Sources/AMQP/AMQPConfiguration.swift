@@ -94,7 +94,11 @@ public struct AMQPConfiguration: Sendable {
             info = rest[..<at]
             rest = rest[rest.index(after: at)...]
         }
-        if let q = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) { rest = rest[..<q] }
+        var query: Substring = ""
+        if let q = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) {
+            if rest[q] == "?" { query = rest[rest.index(after: q)...].prefix { $0 != "#" } }
+            rest = rest[..<q]
+        }
         var path: Substring? = nil
         if let slash = rest.firstIndex(of: "/") {
             path = rest[rest.index(after: slash)...]
@@ -147,6 +151,13 @@ public struct AMQPConfiguration: Sendable {
         self.password = password
         self.virtualHost = vhost
         self.heartbeat = .seconds(30)
+        // RabbitMQ's URI query parameters: `heartbeat` (seconds; others are ignored).
+        for pair in query.split(separator: "&") where pair.hasPrefix("heartbeat=") {
+            guard let seconds = Int(pair.dropFirst("heartbeat=".count)), (0...65_535).contains(seconds) else {
+                throw AMQPError(.invalidURL, "AMQP URL has an invalid heartbeat (seconds from 0 to 65535 expected)")
+            }
+            self.heartbeat = .seconds(seconds)
+        }
         self.connectionName = connectionName
         self.connectTimeout = .seconds(5)
         self.rpcTimeout = .seconds(30)

@@ -12,6 +12,10 @@ public struct AMQPDelivery: Sendable {
     let generation: UInt64
     let connection: AMQPConnection
 
+    /// Which connection of its ``AMQPConnection`` delivered it (it grows with each
+    /// reconnection): a consumer on a newer connection is a new subscription.
+    public var connectionGeneration: UInt64 { generation }
+
     /// Whether the connection this delivery came on has broken since: the broker has already
     /// put the message back (it will come again), so it must not be processed or settled.
     public var isStale: Bool { generation != connection.mailbox.generation }

@@ -21,6 +21,10 @@ public struct WorkerKeys: Sendable, Hashable {
     public func signedQuery(_ digest: String) -> String { "\(prefix):\(appID):query:\(digest)" }
     /// `{prefix}:{appid}:workers` (sorted set): the live workers' heartbeats.
     public var workers: String { "\(prefix):\(appID):workers" }
+    /// `{prefix}:{appid}:fence:{shard}` (integer): the shard's fencing token, raised by each
+    /// worker that becomes the shard's active consumer; a worker holding an older token may
+    /// neither change a session nor send.
+    public func fence(_ shard: Int) -> String { "\(prefix):\(appID):fence:\(shard)" }
 }
 
 /// Where tokend keeps the shared credentials (documented in docs/tokend.md):

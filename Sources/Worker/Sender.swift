@@ -1,14 +1,18 @@
 import AsyncHTTPClient
 import Foundation
 import NIOCore
+import NIOPosix
 import TokenClient
 import WeChat
 
 /// How a send ended, per the error table of the protocol page (§8).
 public enum SendOutcome: Sendable, Equatable {
     case sent
-    /// -1, 45011, timeouts, 5xx: try again later (through a delay queue).
+    /// -1, 45011, 5xx, a connection that could not be opened: certainly not sent; try again later.
     case retryLater(String)
+    /// The request may have reached WeChat and the answer was lost (a timeout, a connection
+    /// closed mid-request): it may or may not have been sent (`WORKER_UNCERTAIN_SEND`).
+    case uncertain(String)
     /// No access_token to be had (tokend or its Redis down): an outage of ours; the message
     /// waits it out without using up its retries.
     case unavailable(String)
@@ -36,7 +40,10 @@ public struct Sender: Sendable {
         self.timeout = timeout
     }
 
-    public func send(_ message: CustomerServiceMessage) async -> SendOutcome {
+    /// Sends `message`. `stillOurs` is asked right before each request goes out (after the
+    /// token was fetched): when it says no — the caller's claim grew too old, for example
+    /// because the process was paused — nothing is sent and the outcome is ``SendOutcome/retryLater(_:)``.
+    public func send(_ message: CustomerServiceMessage, stillOurs: @Sendable () -> Bool = { true }) async -> SendOutcome {
         let body: [UInt8]
         do {
             body = try WeChatJSON.encode(message)
@@ -49,11 +56,13 @@ public struct Sender: Sendable {
         } catch {
             return .unavailable("no access_token: \(error)")
         }
+        guard stillOurs() else { return .retryLater("the claim grew too old before the request could go out; not sent") }
         let first = await post(body, token: token)
         guard case .refresh = first else { return first.outcome }
         // The token was rejected: compare-and-refresh, then one more try.
         do {
             let fresh = try await tokens.tokenRejected(token)
+            guard stillOurs() else { return .retryLater("the claim grew too old before the request could go out; not sent") }
             let second = await post(body, token: fresh)
             if case .refresh(let code, let msg) = second { return .retryLater("token rejected twice (\(code) \(msg))") }
             return second.outcome
@@ -93,8 +102,13 @@ public struct Sender: Sendable {
             case .permanent: return .done(.permanent(answer.errcode, answer.errmsg))
             case .alert: return .done(.alert(answer.errcode, answer.errmsg))
             }
+        } catch let error as HTTPClientError where error == .connectTimeout {
+            return .done(.retryLater("cannot connect: \(error)"))
+        } catch let error as NIOConnectionError {
+            return .done(.retryLater("cannot connect: \(error)"))
         } catch {
-            return .done(.retryLater("network: \(error)"))
+            // The request may have been written: WeChat may have sent the message.
+            return .done(.uncertain("no answer: \(error)"))
         }
     }
 }

@@ -84,11 +84,21 @@ public struct SessionStore: Sendable {
         /// The signed query it came with was already used by a different message: a replay
         /// of a seen URL with another body. Never processed.
         public var replayedQuery: Bool = false
+        /// The caller's fencing token is no longer the shard's: another worker consumes the
+        /// shard now. Nothing was changed.
+        public var fenced: Bool = false
+    }
+
+    /// A shard's fencing token as this worker holds it (``WorkerKeys/fence(_:)``).
+    public struct Fence: Sendable, Equatable {
+        public let key: String
+        public let token: Int64
     }
 
     private static let observeScript = RedisScript(
         """
         local rec, s, q = KEYS[1], KEYS[2], KEYS[3]
+        if ARGV[10] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[10] then return {3, '', '', ''} end
         if ARGV[9] ~= '' then
           local owner = redis.call('GET', q)
           if owner and owner ~= ARGV[8] then return {2, '', '', ''} end
@@ -136,7 +146,7 @@ public struct SessionStore: Sendable {
         """
         if redis.call('HSETNX', KEYS[1], 'replied', '1') == 1 then
           if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[2], 'cs_sent', 1) end
-          redis.call('HDEL', KEYS[1], 'snapshot', 'decision')
+          redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
           redis.call('EXPIRE', KEYS[1], ARGV[2])
         end
         return 1
@@ -144,7 +154,9 @@ public struct SessionStore: Sendable {
 
     /// Records the message in the session (once per dedup key) and returns the snapshot to decide on.
     /// - Parameter signedQuery: `timestamp:nonce:signature` of the push (the ingress's header), if known.
-    public func observe(_ m: InboundMessage, now: Int64, signedQuery: String? = nil) async throws -> Observation {
+    /// - Parameter fence: the shard's token this worker holds; a stale one changes nothing
+    ///   (``Observation/fenced``).
+    public func observe(_ m: InboundMessage, now: Int64, signedQuery: String? = nil, fence: Fence? = nil) async throws -> Observation {
         let isMessage = m.msgType != "event"
         var window = ""
         if isMessage {
@@ -155,16 +167,19 @@ public struct SessionStore: Sendable {
         let subscription = m.event == "unsubscribe" ? "unsubscribe" : (m.event == "subscribe" ? "subscribe" : "")
         let queryDigest = signedQuery.map { WeChatSignature.compute([$0]) } ?? ""
         let reply = try await redis.eval(
-            Self.observeScript, keys: [recordKey(m), sessionKey(m.fromUserName), keys.signedQuery(queryDigest)],
+            Self.observeScript, keys: [recordKey(m), sessionKey(m.fromUserName), keys.signedQuery(queryDigest), fence?.key ?? recordKey(m)],
             arguments: [
                 .init(now), isMessage ? "1" : "0", .init(window), .init(subscription), .init(sessionTTL), .init(recordTTL),
-                .init(m.createTime), .init(m.dedupID), signedQuery == nil ? "" : .init(finishedTTL),
+                .init(m.createTime), .init(m.dedupID), signedQuery == nil ? "" : .init(finishedTTL), fence.map { .init($0.token) } ?? "",
             ])
         guard let parts = reply.array, parts.count == 4, let snapText = parts[1].text else {
             throw RedisError(.protocolError, "unexpected answer from the observe script")
         }
         if parts[0].int == 2 {
             return Observation(isNew: false, snapshot: SessionSnapshot(values: [:]), decision: nil, replied: false, replayedQuery: true)
+        }
+        if parts[0].int == 3 {
+            return Observation(isNew: false, snapshot: SessionSnapshot(values: [:]), decision: nil, replied: false, fenced: true)
         }
         let flat = (try? JSONDecoder().decode([String].self, from: Data(snapText.utf8))) ?? []
         var values: [String: String] = [:]
@@ -177,6 +192,81 @@ public struct SessionStore: Sendable {
         let decision = decisionText.isEmpty
             ? nil : try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(decisionText.utf8))
         return Observation(isNew: parts[0].int == 1, snapshot: SessionSnapshot(values: values), decision: decision, replied: parts[3].text == "1")
+    }
+
+    /// What ``claim(_:worker:fence:lease:)`` found.
+    public enum Claim: Sendable, Equatable {
+        /// Ours now: send.
+        case claimed
+        /// Ours now, but an earlier claim expired without the send being recorded: that
+        /// sender may have died after WeChat accepted the message (`WORKER_UNCERTAIN_SEND`).
+        case uncertain
+        /// Another worker's live claim: wait this long (at most) and ask again.
+        case busy(milliseconds: Int64)
+        /// Already finished (replied or decided not to): a duplicate.
+        case finished
+        /// Our fencing token is stale: another worker consumes the shard now. Do not send.
+        case fenced
+    }
+
+    private static let claimScript = RedisScript(
+        """
+        local rec = KEYS[1]
+        if redis.call('HGET', rec, 'replied') then return {'finished', 0} end
+        if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {'fenced', 0} end
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local owner = redis.call('HGET', rec, 'claim')
+        local untilMs = tonumber(redis.call('HGET', rec, 'claim_until') or '0')
+        if owner and owner ~= ARGV[1] and untilMs > now then return {'busy', untilMs - now} end
+        redis.call('HSET', rec, 'claim', ARGV[1], 'claim_until', now + tonumber(ARGV[3]))
+        if redis.call('TTL', rec) < 0 then redis.call('EXPIRE', rec, ARGV[4]) end
+        if owner and (owner ~= ARGV[1] or untilMs <= now) then return {'uncertain', 0} end
+        return {'claimed', 0}
+        """)
+
+    private static let releaseScript = RedisScript(
+        """
+        if redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then redis.call('HDEL', KEYS[1], 'claim', 'claim_until') end
+        return 1
+        """)
+
+    /// Claims the message for one send by `worker` (atomically: the record, the fence and
+    /// the lease are checked and set in one script, with Redis's clock). A claim is the
+    /// "about to send" mark; ``markReplied(_:sent:)`` is the "sent" mark; a claim left
+    /// without one past its lease is what makes a message uncertain.
+    /// - Parameter lease: how long the claim holds others off: longer than one send can take.
+    public func claim(_ m: InboundMessage, worker: String, fence: Fence, lease: Duration) async throws -> Claim {
+        let reply = try await redis.eval(
+            Self.claimScript, keys: [recordKey(m), fence.key],
+            arguments: [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
+        guard let parts = reply.array, parts.count == 2, let kind = parts[0].text else {
+            throw RedisError(.protocolError, "unexpected answer from the claim script")
+        }
+        switch kind {
+        case "claimed": return .claimed
+        case "uncertain": return .uncertain
+        case "busy": return .busy(milliseconds: Int64(parts[1].int ?? 1000))
+        case "finished": return .finished
+        case "fenced": return .fenced
+        default: throw RedisError(.protocolError, "unexpected answer from the claim script: \(kind)")
+        }
+    }
+
+    /// Gives up `worker`'s claim after a send that certainly did not go out (an error answer
+    /// from WeChat, a refused connection), so that the next attempt is not "uncertain".
+    public func releaseClaim(_ m: InboundMessage, worker: String) async throws {
+        _ = try await redis.eval(Self.releaseScript, keys: [recordKey(m)], arguments: [.init(worker)])
+    }
+
+    /// Raises the shard's fencing token and returns it: called by a worker when it becomes
+    /// the shard's active consumer (its first delivery), which makes every older holder stale.
+    public func takeFence(shard: Int) async throws -> Fence {
+        let key = keys.fence(shard)
+        guard let token = try await redis.send(["INCR", .init(key)]).int else {
+            throw RedisError(.protocolError, "unexpected answer to INCR \(key)")
+        }
+        return Fence(key: key, token: Int64(token))
     }
 
     /// Stores the decision (first writer wins) and applies its state change; returns the stored decision.

@@ -22,13 +22,14 @@ import RelayContract
 struct Membership: Sendable {
     let redis: RedisPool
     let key: String
-    let id = UUID().uuidString
+    let id: String
     var interval: Duration = .seconds(2)
     var ttl: Duration = .seconds(10)
 
-    init(redis: RedisPool, key: String) {
+    init(redis: RedisPool, key: String, id: String) {
         self.redis = redis
         self.key = key
+        self.id = id
     }
 
     private static let heartbeatScript = RedisScript(
@@ -93,14 +94,24 @@ struct Membership: Sendable {
     }
 }
 
-/// One shard's consumer, its per-user chains and its hand-over.
+/// One shard's consumer and its jobs. ``run()`` is one task (of the worker's assignment
+/// group) holding a task group: the consuming loop, and one job per delivery as a child task.
+/// A user's jobs run one after another, in arrival order (``UserTurns``); users run in
+/// parallel, each job taking a permit of the worker's ``Limiter`` only while it works.
 final class ShardRunner: Sendable {
     let shard: Int
     private let consumer: AMQPConsumer
-    private let chains: Chains
-    private let loop: Task<Void, Never>
-    private let draining = Flag()
+    private let worker: Worker
+    let limiter: Limiter
+    private let turns = UserTurns()
+    /// Set when the shard is being handed over: no new jobs; waiting retries give their delivery back.
+    let draining = Flag()
     private let ended = Flag()
+    private let finished = Event()
+    /// Set when a hand-over's deadline passed: the jobs still running are cancelled.
+    private let cutJobs = Event()
+    private let fenceLock = Limiter(permits: 1)
+    private let fence = Mutex<(generation: UInt64, fence: SessionStore.Fence)?>(nil)
 
     /// At most this many deliveries of one user wait in this worker at once; the shard's
     /// loop waits before taking more of that user (the rest stay in the queue, in order).
@@ -108,30 +119,37 @@ final class ShardRunner: Sendable {
 
     init(shard: Int, worker: Worker, limiter: Limiter) async throws {
         self.shard = shard
-        let consumer = try await worker.amqp.consume(
+        self.worker = worker
+        self.limiter = limiter
+        consumer = try await worker.amqp.consume(
             queue: worker.retry.base.shardQueue(shard), prefetch: UInt16(min(worker.concurrency, Int(UInt16.max))))
-        self.consumer = consumer
-        let chains = Chains()
-        self.chains = chains
-        let draining = self.draining
-        let ended = self.ended
-        loop = Task {
-            defer { ended.set() }
+    }
+
+    /// Consumes until the consumer ends (``release(deadline:)``, or the broker cancelled it),
+    /// and returns once every job has finished.
+    func run() async {
+        defer { finished.set() }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.dispatch() }
+            group.addTask { await self.cutJobs.wait() }
+            await group.next()  // dispatching ended (with its jobs), or the deadline cut them
+            group.cancelAll()
+        }
+    }
+
+    private func dispatch() async {
+        await withDiscardingTaskGroup { jobs in
             do {
                 for try await delivery in consumer {
                     let user = delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? ""
-                    await chains.waitUntilFewer(than: Self.maxQueuedPerUser, for: user)
+                    await turns.waitUntilFewer(than: Self.maxQueuedPerUser, for: user)
                     // Handing over: not processed, not acked; closing the channel returns it in order.
-                    // Checked and appended under the chains' lock, so release() cannot slip in between.
-                    // One user's messages run one after another, in arrival order; users run in parallel,
-                    // and a job takes a permit only when its turn has come (a user's queued messages
-                    // hold no permits that other users could use).
-                    let appended = chains.append(user, unless: draining) {
-                        await limiter.acquire()
-                        await worker.process(delivery)
-                        limiter.release()
+                    // Checked and taken under the turns' lock, so release() cannot slip in between.
+                    guard let turn = turns.take(user, unless: draining) else { continue }
+                    jobs.addTask {
+                        if await turn.waitForPrevious() { await self.worker.process(delivery, on: self) }
+                        self.turns.finish(turn)
                     }
-                    if !appended { continue }
                 }
                 if !draining.isSet {
                     worker.logger.error("consumer ended: the broker cancelled it (queue deleted?)", metadata: ["worker.shard": "\(shard)"])
@@ -139,6 +157,7 @@ final class ShardRunner: Sendable {
             } catch {
                 worker.logger.error("consumer ended", metadata: ["worker.shard": "\(shard)", "error": "\(error)"])
             }
+            ended.set()
         }
     }
 
@@ -148,15 +167,48 @@ final class ShardRunner: Sendable {
     /// The broker says the queue has no consumer: this one is gone even if no cancel reached us.
     func markEnded() { ended.set() }
 
-    /// Stops taking deliveries, finishes (and acks) the ones in hand, then closes the
+    /// The fencing token for `delivery`'s work: raised in Redis at the first delivery of each
+    /// subscription (deliveries come only to the active consumer, and a new connection is a
+    /// new subscription), then reused; any worker that held the shard before is fenced out.
+    func fence(for delivery: AMQPDelivery) async throws -> SessionStore.Fence {
+        let generation = delivery.connectionGeneration
+        if let held = fence.withLock({ $0 }), held.generation >= generation { return held.fence }
+        await fenceLock.acquire()
+        defer { fenceLock.release() }
+        if let held = fence.withLock({ $0 }), held.generation >= generation { return held.fence }
+        let taken = try await worker.store.takeFence(shard: shard)
+        fence.withLock { $0 = (generation, taken) }
+        worker.logger.debug("took the shard's fence", metadata: ["worker.shard": "\(shard)", "worker.fence": "\(taken.token)"])
+        return taken
+    }
+
+    /// Waits `delay` (a retry's back-off) unless the shard is being handed over, the worker
+    /// stops, the delivery went stale or the job is cancelled; returns whether it waited it all.
+    func pause(_ delay: Duration, for delivery: AMQPDelivery) async -> Bool {
+        let deadline = ContinuousClock.now + delay
+        func interrupted() -> Bool { draining.isSet || worker.stopping.isSet || delivery.isStale || Task.isCancelled }
+        while ContinuousClock.now < deadline {
+            if interrupted() { return false }
+            try? await Task.sleep(for: min(.milliseconds(100), deadline - ContinuousClock.now))
+        }
+        return !interrupted()
+    }
+
+    /// Stops taking deliveries, finishes (and acks) the ones in hand — cancelling those still
+    /// running after `deadline` (their deliveries go back unacknowledged) — then closes the
     /// channel so that the rest go back to the queue, in order, for the next consumer.
     ///
     /// The consumer stays registered until its channel closes, so that no other worker
     /// becomes active on the shard while this one still has messages of it in hand.
-    func release() async {
-        chains.stopAppending(draining)
-        await chains.waitForAll()
+    func release(deadline: Duration) async {
+        turns.stop(draining)
+        if !(await turns.waitForAll(upTo: deadline)) {
+            worker.logger.warning(
+                "hand-over deadline passed; cancelling the shard's jobs (their deliveries go back to the queue)",
+                metadata: ["worker.shard": "\(shard)"])
+            cutJobs.set()
+        }
         await consumer.close()
-        await loop.value
+        await finished.wait()
     }
 }

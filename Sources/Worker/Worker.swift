@@ -30,8 +30,12 @@ public protocol MessageHandler: Sendable {
     func decide(_ message: InboundMessage, session: SessionSnapshot) async throws -> ReplyRules.Decision?
 }
 
-/// The worker's RabbitMQ additions to ``WeChatTopology``: delay queues whose
-/// messages dead-letter back to the inbound exchange with their shard routing key.
+/// The back-off of a message's retries, and the delay queues of earlier versions.
+///
+/// Retries wait in the worker, holding their user's place (docs/worker.md, "Order through
+/// retries"); ``delays`` are their back-off. The delay queues are still declared so that
+/// retries an earlier version published drain back into the shards (they dead-letter to
+/// the inbound exchange with their shard routing key); nothing is published to them now.
 ///
 /// The delay queues are quorum queues with at-least-once dead-lettering (RabbitMQ 3.10+):
 /// classic dead-lettering is at-most-once, so a node crashing as a retry expired would
@@ -39,7 +43,7 @@ public protocol MessageHandler: Sendable {
 public struct RetryTopology: Sendable {
     public let base: WeChatTopology
     /// Delays before the 1st, 2nd and 3rd retry; after that the message is dead-lettered.
-    /// (While Redis is unreachable a message waits at the last delay, as often as needed.)
+    /// (While Redis or tokend is unreachable a message waits the last delay, as often as needed.)
     public var delays: [Duration]
 
     /// 1 s, 5 s, 30 s.
@@ -73,12 +77,24 @@ public enum WorkerHeader {
     public static let retryCount = "x-retry-count"
     public static let reason = "x-relay-reason"
     public static let originalRoutingKey = "x-original-routing-key"
+    /// On a dead letter whose user's later messages went on without it: `skipped`.
+    public static let order = "x-relay-order"
+}
+
+/// What a worker does with a message whose earlier send may have reached WeChat
+/// (`WORKER_UNCERTAIN_SEND`): the send API has no idempotency key, so one of the two.
+public enum UncertainSend: String, Sendable {
+    /// Send it (again): a duplicate is better than silence. The default.
+    case resend
+    /// Count it as answered and go on.
+    case skip
 }
 
 /// The worker's metrics.
 public struct WorkerMetrics: Sendable {
     public let registry: PrometheusCollectorRegistry
-    let consumed, replied, duplicates, retried, deadLettered, skipped, noReply, replayedQuery, markRetries, heartbeatFailures: CoreMetrics.Counter
+    let consumed, replied, duplicates, retried, deadLettered, skipped, noReply, replayedQuery, uncertain, fenced, markRetries, heartbeatFailures:
+        CoreMetrics.Counter
     let sendLatency, endToEnd: CoreMetrics.Timer
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
@@ -95,6 +111,8 @@ public struct WorkerMetrics: Sendable {
         skipped = counter("skipped_window")
         noReply = counter("no_reply")
         replayedQuery = counter("replayed_query")
+        uncertain = counter("uncertain")
+        fenced = counter("fenced")
         markRetries = CoreMetrics.Counter(label: "wechat_worker_mark_retries_total", factory: f)
         heartbeatFailures = CoreMetrics.Counter(label: "wechat_worker_heartbeat_failures_total", factory: f)
         sendLatency = CoreMetrics.Timer(label: "wechat_worker_send_seconds", factory: f)
@@ -121,6 +139,14 @@ public final class Worker: Sendable {
     let sender: Sender
     public let concurrency: Int
     let logger: Logger
+    /// This worker's identity in the membership and on its claims.
+    public let id = UUID().uuidString
+    /// `WORKER_UNCERTAIN_SEND`.
+    public let uncertainSend: UncertainSend
+    /// How long a claim holds other workers off: well past the sender's timeout.
+    let claimLease: Duration
+    /// How long a hand-over (and the shutdown) waits for the jobs in hand before cancelling them.
+    let handoverDeadline: Duration
     private let paused = Mutex<Date?>(nil)
     private let consuming = Atomic<Int>(0)
     private let owned = Mutex<Set<Int>>([])
@@ -134,7 +160,8 @@ public final class Worker: Sendable {
     public init(
         amqp: AMQPConnection, publisher: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
         topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger,
-        retryDelays: [Duration] = RetryTopology.defaultDelays
+        retryDelays: [Duration] = RetryTopology.defaultDelays, uncertainSend: UncertainSend = .resend,
+        claimLease: Duration = .seconds(30), handoverDeadline: Duration = .seconds(20)
     ) {
         self.amqp = amqp
         self.publisher = publisher
@@ -146,6 +173,9 @@ public final class Worker: Sendable {
         self.concurrency = max(1, concurrency)
         self.metrics = metrics
         self.logger = logger
+        self.uncertainSend = uncertainSend
+        self.claimLease = claimLease
+        self.handoverDeadline = handoverDeadline
     }
 
     /// Whether the worker is taking part (for `/readyz`): connected, running its shard
@@ -197,7 +227,7 @@ public final class Worker: Sendable {
     public func run() async throws {
         try await amqp.declare(retry.topology)
         let limiter = Limiter(permits: concurrency)
-        var configured = Membership(redis: store.redis, key: store.keys.workers)
+        var configured = Membership(redis: store.redis, key: store.keys.workers, id: id)
         (configured.interval, configured.ttl) = membershipTiming
         let membership = configured
         let view = Shared<[String]?>(nil)
@@ -221,82 +251,100 @@ public final class Worker: Sendable {
 
     private func assign(membership: Membership, view: Shared<[String]?>, interval: Duration, limiter: Limiter) async {
         var runners: [Int: ShardRunner] = [:]
-        await withTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { [logger, metrics] in
-                while !Task.isCancelled {
-                    do {
-                        let members = try await membership.heartbeat()
-                        view.set(members)
-                    } catch {
-                        metrics.heartbeatFailures.increment()
-                        logger.warning("membership heartbeat failed: keeping the current shards", metadata: ["error": "\(error)"])
+        // Every shard's runner is a task of this group; the heartbeat is a group of its own,
+        // stopped first on shutdown (a ZADD in flight could re-add us after the ZREM).
+        await withDiscardingTaskGroup { shards in
+            await withTaskGroup(of: Void.self) { heartbeat in
+                heartbeat.addTask { [logger, metrics] in
+                    while !Task.isCancelled {
+                        do {
+                            let members = try await membership.heartbeat()
+                            view.set(members)
+                        } catch {
+                            metrics.heartbeatFailures.increment()
+                            logger.warning("membership heartbeat failed: keeping the current shards", metadata: ["error": "\(error)"])
+                        }
+                        try? await Task.sleep(for: membership.interval)
                     }
-                    try? await Task.sleep(for: membership.interval)
                 }
-            }
-            var first = true
-            var tick = 0
-            while !Task.isCancelled, !Task.isShuttingDownGracefully {
-                if !first { try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval / 4) } }
-                first = false
-                guard !Task.isShuttingDownGracefully, let members = view.get() else { continue }
-                let wanted = Membership.shards(for: membership.id, members: members, count: retry.base.shardCount)
-                logger.trace("assignment tick", metadata: ["worker.members": "\(members.count)", "worker.wanted": "\(wanted.sorted())"])
-                // Replace consumers that ended (the broker cancelled them, or a re-subscribe failed).
-                // Every few ticks, also ask the broker: a shard queue of ours with no consumer at all
-                // (deleted and declared again without a cancel reaching us) gets a new one.
-                tick += 1
-                if tick % 4 == 0 {
-                    for (shard, runner) in runners where runner.isAlive {
-                        // Only a definite answer counts: a failed check is not "no consumer".
-                        if let info = try? await amqp.queueInfo(retry.base.shardQueue(shard)), info.consumerCount == 0 {
-                            runner.markEnded()
+                var first = true
+                var tick = 0
+                while !Task.isCancelled, !Task.isShuttingDownGracefully {
+                    if !first { try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval / 4) } }
+                    first = false
+                    guard !Task.isShuttingDownGracefully, let members = view.get() else { continue }
+                    let wanted = Membership.shards(for: membership.id, members: members, count: retry.base.shardCount)
+                    logger.trace("assignment tick", metadata: ["worker.members": "\(members.count)", "worker.wanted": "\(wanted.sorted())"])
+                    // Replace consumers that ended (the broker cancelled them, or a re-subscribe failed).
+                    // Every few ticks, also ask the broker: a shard queue of ours with no consumer at all
+                    // (deleted and declared again without a cancel reaching us) gets a new one.
+                    tick += 1
+                    if tick % 4 == 0 {
+                        for (shard, runner) in runners where runner.isAlive {
+                            // Only a definite answer counts: a failed check is not "no consumer".
+                            if let info = try? await amqp.queueInfo(retry.base.shardQueue(shard)), info.consumerCount == 0 {
+                                runner.markEnded()
+                            }
                         }
                     }
-                }
-                for (shard, runner) in runners where !runner.isAlive {
-                    logger.warning("shard consumer ended; starting a new one", metadata: ["worker.shard": "\(shard)"])
-                    await runner.release()
-                    runners[shard] = nil
-                }
-                let leaving = runners.filter { !wanted.contains($0.key) }
-                await Self.release(Array(leaving.values))
-                for shard in leaving.keys {
-                    runners[shard] = nil
-                    logger.info("shard handed over", metadata: ["worker.shard": "\(shard)"])
-                }
-                for shard in wanted.sorted() where runners[shard] == nil {
-                    do {
-                        runners[shard] = try await ShardRunner(shard: shard, worker: self, limiter: limiter)
-                    } catch {
-                        logger.error("cannot consume shard", metadata: ["worker.shard": "\(shard)", "error": "\(error)"])
+                    for (shard, runner) in runners where !runner.isAlive {
+                        logger.warning("shard consumer ended; starting a new one", metadata: ["worker.shard": "\(shard)"])
+                        await runner.release(deadline: handoverDeadline)
+                        runners[shard] = nil
                     }
+                    let leaving = runners.filter { !wanted.contains($0.key) }
+                    await release(Array(leaving.values))
+                    for shard in leaving.keys {
+                        runners[shard] = nil
+                        logger.info("shard handed over", metadata: ["worker.shard": "\(shard)"])
+                    }
+                    for shard in wanted.sorted() where runners[shard] == nil {
+                        do {
+                            let runner = try await ShardRunner(shard: shard, worker: self, limiter: limiter)
+                            runners[shard] = runner
+                            shards.addTask { await runner.run() }
+                        } catch {
+                            logger.error("cannot consume shard", metadata: ["worker.shard": "\(shard)", "error": "\(error)"])
+                        }
+                    }
+                    hasDeadRunner.store(wanted.contains { runners[$0]?.isAlive != true }, ordering: .relaxed)
+                    setOwned(Set(runners.keys))
                 }
-                hasDeadRunner.store(
-                    wanted.contains { runners[$0]?.isAlive != true }, ordering: .relaxed)
-                setOwned(Set(runners.keys))
+                heartbeat.cancelAll()
             }
             // Shutting down: leave the membership first, so that the others take the shards
             // as soon as this worker's channels close; then hand every shard back at once.
-            tasks.cancelAll()
-            // The heartbeat must have stopped, or a ZADD in flight could re-add us after the ZREM.
-            await tasks.waitForAll()
             await membership.leave()
             stopping.set()
-            await Self.release(Array(runners.values))
+            await release(Array(runners.values))
             runners.removeAll()
             setOwned([])
         }
     }
 
-    private static func release(_ runners: [ShardRunner]) async {
+    private func release(_ runners: [ShardRunner]) async {
         await withTaskGroup(of: Void.self) { group in
-            for r in runners { group.addTask { await r.release() } }
+            for r in runners { group.addTask { await r.release(deadline: self.handoverDeadline) } }
         }
     }
 
-    /// Handles one delivery to a final outcome, then acknowledges it.
-    func process(_ delivery: AMQPDelivery) async {
+    /// What one attempt at a message came to.
+    enum Step {
+        /// Finished (acked, or given back): the user's next message may go.
+        case done
+        /// Try again after a back-off, holding the user's place; `counts` is false for an
+        /// outage of ours (Redis, tokend), which never uses up the message's retries.
+        case retry(String, counts: Bool)
+    }
+
+    /// Handles one delivery to a final outcome, in its user's turn.
+    ///
+    /// A message that must be retried waits here, holding its user's place: the user's later
+    /// messages wait behind it (other users go on), and its delivery stays unacknowledged, so
+    /// if this worker dies or hands the shard over, the broker gives it to the next consumer
+    /// *before* the user's later messages. After ``RetryTopology/delays`` it is dead-lettered
+    /// (marked `x-relay-order: skipped`) and the user's later messages go on.
+    func process(_ delivery: AMQPDelivery, on shard: ShardRunner) async {
         // It may have waited behind its user's earlier messages while its connection broke:
         // the broker has it back (and may have handed it to another worker already).
         guard !delivery.isStale else {
@@ -310,42 +358,64 @@ public final class Worker: Sendable {
             await deadLetter(delivery, reason: "malformed message: \(error)")
             return
         }
-        do {
-            try await handle(message, delivery)
-        } catch let error as AMQPError where error.code == .staleDelivery {
-            // The connection it came on broke while it was processed: the broker has put it
-            // back and delivers it again; the message record makes that a duplicate if it was answered.
-            logger.debug("delivery of a broken connection; the broker redelivers it", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
-        } catch let error as RedisError where error.isRetriable {
-            // Redis is unreachable, or answered "try later" (LOADING, READONLY, BUSY, …): not
-            // this message's fault, so it waits at the longest delay as often as the outage
-            // lasts, without using up its retries (an outage does not dead-letter messages).
-            logger.warning("Redis unavailable; retrying later", metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])
-            await retryLater(delivery, reason: "Redis unreachable: \(error)", countsAsAttempt: false)
-        } catch {
-            // Broker trouble or a Redis error reply: try again later rather than lose the message.
-            logger.error("processing failed", metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])
-            await retryLater(delivery, reason: "processing failed: \(error)")
+        var retries = 0
+        while true {
+            await shard.limiter.acquire()
+            let step: Step
+            do {
+                step = try await handle(message, delivery, shard)
+            } catch let error as AMQPError where error.code == .staleDelivery {
+                // The connection it came on broke while it was processed: the broker has put it
+                // back and delivers it again; the message record makes that a duplicate if it was answered.
+                logger.debug("delivery of a broken connection; the broker redelivers it", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+                step = .done
+            } catch let error as RedisError where error.isRetriable {
+                // Redis is unreachable, or answered "try later" (LOADING, READONLY, BUSY, …): not
+                // this message's fault, so it waits as long as the outage lasts, without using up its retries.
+                step = .retry("Redis unavailable: \(error)", counts: false)
+            } catch {
+                step = .retry("processing failed: \(error)", counts: true)
+            }
+            shard.limiter.release()
+            guard case .retry(let reason, let counts) = step else { return }
+            if counts { retries += 1 }
+            if retries > retry.delays.count {
+                await deadLetter(delivery, reason: "gave up after \(retries - 1) retries: \(reason)", skippedInOrder: true)
+                try? await store.releaseClaim(message, worker: id)
+                return
+            }
+            metrics.retried.increment()
+            let delay = counts ? retry.delays[retries - 1] : retry.delays[retry.delays.count - 1]
+            logger.info(
+                "retrying in the worker; the user's later messages wait",
+                metadata: ["wechat.dedup_key": "\(message.dedupID)", "attempt": "\(retries)", "reason": "\(reason)"])
+            guard await shard.pause(delay, for: delivery) else {
+                // Handing over or stopping: give it back; it keeps its place at the head of its user's line.
+                if !delivery.isStale { try? delivery.nack(requeue: true) }
+                return logger.info("retry given back to the queue (hand-over or shutdown)", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+            }
         }
     }
 
-    private func handle(_ message: InboundMessage, _ delivery: AMQPDelivery) async throws {
+    private func handle(_ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner) async throws -> Step {
         let now = Int64(Date().timeIntervalSince1970)
         let signedQuery = delivery.message.properties.headers[WeChatTopology.Header.signedQuery]?.stringValue
-        let observation = try await store.observe(message, now: now, signedQuery: signedQuery)
+        let fence = try await shard.fence(for: delivery)
+        let observation = try await store.observe(message, now: now, signedQuery: signedQuery, fence: fence)
+        if observation.fenced { return fenced(message) }
         if observation.replayedQuery {
             metrics.replayedQuery.increment()
             logger.warning(
                 "message refused: its signed query was already used by another message (a replayed URL)",
                 metadata: ["wechat.openid": "\(LogSafe.escape(message.fromUserName))", "wechat.dedup_key": "\(message.dedupID)"])
             try delivery.ack()
-            return
+            return .done
         }
         if observation.replied {
             metrics.duplicates.increment()
             logger.debug("duplicate dropped", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
             try delivery.ack()
-            return
+            return .done
         }
         if !observation.isNew, observation.decision == nil { metrics.duplicates.increment() }
         var decision: ReplyRules.Decision
@@ -359,21 +429,55 @@ public final class Worker: Sendable {
             metrics.noReply.increment()
             try await store.markReplied(message, sent: false)
             try delivery.ack()
-            return
+            return .done
         }
         if let pause = paused.withLock({ $0 }), pause > Date() {
             await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
-            return
+            return .done
         }
         if let why = observation.snapshot.sendWouldFail(now: now) {
             metrics.skipped.increment()
             logger.info("reply skipped", metadata: ["wechat.openid": "\(message.fromUserName)", "reason": "\(why)"])
             try await store.markReplied(message, sent: false)
             try delivery.ack()
-            return
+            return .done
         }
+        // At most one sender at a time: claim it (with our fence) right before the send.
+        claiming: while true {
+            switch try await store.claim(message, worker: id, fence: fence, lease: claimLease) {
+            case .claimed:
+                break claiming
+            case .uncertain:
+                metrics.uncertain.increment()
+                logger.warning(
+                    "an earlier send of this message may have reached WeChat (its sender stopped before recording it)",
+                    metadata: ["wechat.dedup_key": "\(message.dedupID)", "worker.uncertain_send": "\(uncertainSend.rawValue)"])
+                if uncertainSend == .skip {
+                    try await store.markReplied(message, sent: true)
+                    try delivery.ack()
+                    return .done
+                }
+                break claiming
+            case .busy(let ms):
+                // Another worker is sending it (a hand-over raced us, or it paused): wait for its claim to resolve.
+                logger.info("another worker holds this message's claim; waiting", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+                guard await shard.pause(.milliseconds(min(max(ms, 10), 1000)), for: delivery) else {
+                    if !delivery.isStale { try? delivery.nack(requeue: true) }
+                    return .done
+                }
+            case .finished:
+                metrics.duplicates.increment()
+                try delivery.ack()
+                return .done
+            case .fenced:
+                return fenced(message)
+            }
+        }
+        // The last check before the request goes out: a claim older than half its lease (this
+        // process was paused, or the token took long) may have passed to another worker.
         let start = ContinuousClock.now
-        let outcome = await sender.send(reply)
+        let lease = claimLease
+        let outcome = await sender.send(reply) { ContinuousClock.now - start < lease / 2 }
         metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).wholeNanoseconds)
         switch outcome {
         case .sent:
@@ -385,22 +489,51 @@ public final class Worker: Sendable {
                 metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
             }
             try delivery.ack()
+            return .done
+        case .uncertain(let why):
+            metrics.uncertain.increment()
+            logger.warning(
+                "no answer to a send: WeChat may have sent it",
+                metadata: ["wechat.dedup_key": "\(message.dedupID)", "reason": "\(why)", "worker.uncertain_send": "\(uncertainSend.rawValue)"])
+            if uncertainSend == .skip {
+                await markSent(message)
+                try delivery.ack()
+                return .done
+            }
+            try await store.releaseClaim(message, worker: id)  // counted once; the retry is an ordinary claim
+            return .retry(why, counts: true)
         case .retryLater(let why):
-            await retryLater(delivery, reason: why)
+            try await store.releaseClaim(message, worker: id)
+            return .retry(why, counts: true)
         case .unavailable(let why):
             // No token (tokend or its Redis is down): an outage of ours, not this message's fault.
-            await retryLater(delivery, reason: why, countsAsAttempt: false)
+            try await store.releaseClaim(message, worker: id)
+            return .retry(why, counts: false)
         case .permanent(let code, let why):
             logger.warning("reply refused for good", metadata: ["wechat.openid": "\(message.fromUserName)", "wechat.errcode": "\(code)", "reason": "\(why)"])
             try await store.markReplied(message, sent: false)
             try delivery.ack()
+            return .done
         case .alert(let code, let why):
             logger.critical(
                 "WeChat refuses to send for this account; pausing sends for 5 minutes",
                 metadata: ["wechat.errcode": "\(code)", "reason": "\(why)"])
             paused.withLock { $0 = Date().addingTimeInterval(300) }
+            try await store.releaseClaim(message, worker: id)
             await deadLetter(delivery, reason: "errcode \(code): \(why)")
+            return .done
         }
+    }
+
+    /// Our fencing token is stale: another worker consumes the shard (this one was paused or
+    /// cut off past the broker's heartbeat). Nothing is sent or changed; the delivery is left
+    /// alone (its connection is gone, or will close, and the broker has the message).
+    private func fenced(_ message: InboundMessage) -> Step {
+        metrics.fenced.increment()
+        logger.warning(
+            "fenced out: another worker consumes this shard now; not processing",
+            metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+        return .done
     }
 
     /// Records a sent reply, retrying until Redis answers (with backoff up to 2 s); once the
@@ -438,36 +571,7 @@ public final class Worker: Sendable {
         return try rules.decide(message, session: snapshot)
     }
 
-    /// Sends the message through the next delay queue, or dead-letters it after the last one.
-    /// - Parameter countsAsAttempt: false for an outage of our own (Redis): the message
-    ///   goes through the longest delay and keeps the retries it has left.
-    func retryLater(_ d: AMQPDelivery, reason: String, countsAsAttempt: Bool = true) async {
-        // A copy of a delivery the broker already took back would run twice.
-        guard !d.isStale else { return logger.debug("not retrying a delivery of a broken connection; the broker redelivers it") }
-        let attempt = Int(d.message.properties.headers[WorkerHeader.retryCount]?.intValue ?? 0)
-        if countsAsAttempt, attempt >= retry.delays.count {
-            await deadLetter(d, reason: "gave up after \(attempt) retries: \(reason)")
-            return
-        }
-        let delayQueue = countsAsAttempt ? attempt : retry.delays.count - 1
-        var copy = d.message
-        copy.properties.headers[WorkerHeader.retryCount] = .int(Int64(countsAsAttempt ? attempt + 1 : attempt))
-        copy.properties.headers[WorkerHeader.reason] = .string(reason)
-        do {
-            try await publisher.publish(copy, exchange: retry.exchange(delayQueue), routingKey: d.routingKey, confirmTimeout: .seconds(10))
-        } catch {
-            // Not confirmed: give it back to the queue instead of losing it.
-            logger.error("cannot schedule a retry; requeueing", metadata: ["error": "\(error)"])
-            await pauseBeforeRequeue(error)
-            try? d.nack(requeue: true)
-            return
-        }
-        metrics.retried.increment()
-        logger.info("retrying later", metadata: ["attempt": "\(countsAsAttempt ? attempt + 1 : attempt)", "reason": "\(reason)"])
-        ackAfterRepublish(d)
-    }
-
-    /// Acks the original of a message just republished (to a delay queue or the dead letters).
+    /// Acks the original of a message just republished to the dead letters.
     /// If its connection broke meanwhile, the broker redelivers the original too; the message
     /// record makes the second one a duplicate once the first is answered.
     private func ackAfterRepublish(_ d: AMQPDelivery) {
@@ -479,11 +583,14 @@ public final class Worker: Sendable {
     }
 
     /// Publishes the message to the dead-letter exchange with the reason, then acks it.
-    func deadLetter(_ d: AMQPDelivery, reason: String) async {
+    /// - Parameter skippedInOrder: its user's later messages go on without it (its retries ran
+    ///   out): recorded on the dead letter as `x-relay-order: skipped`.
+    func deadLetter(_ d: AMQPDelivery, reason: String, skippedInOrder: Bool = false) async {
         guard !d.isStale else { return logger.debug("not dead-lettering a delivery of a broken connection; the broker redelivers it") }
         var copy = d.message
         copy.properties.headers[WorkerHeader.reason] = .string(reason)
         copy.properties.headers[WorkerHeader.originalRoutingKey] = .string(d.routingKey)
+        if skippedInOrder { copy.properties.headers[WorkerHeader.order] = .string("skipped") }
         do {
             try await publisher.publish(copy, exchange: retry.base.deadLetterExchange, routingKey: d.routingKey, confirmTimeout: .seconds(10))
         } catch {

@@ -45,7 +45,7 @@ public func buildWorker(
             sessionTTL: configuration.sessionTTL, finishedTTL: configuration.finishedTTL),
         sender: Sender(apiURL: configuration.apiURL, http: http, tokens: tokens), rules: configuration.rules,
         handlers: handlers, topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics,
-        logger: logger)
+        logger: logger, uncertainSend: configuration.uncertainSend, claimLease: .seconds(configuration.claimLease))
     let app = Application(
         router: buildWorkerRouter(worker: worker, redis: redis), server: RelayHTTP.server(idleTimeout: .seconds(30)),
         configuration: .init(address: .hostname("0.0.0.0", port: configuration.metricsPort)), logger: logger)

@@ -18,6 +18,10 @@ public struct WorkerConfiguration: Sendable {
     public var sessionTTL: Int
     /// How long a finished message's record (and a signed query's claim) is kept, seconds (`WORKER_FINISHED_TTL`).
     public var finishedTTL: Int
+    /// What to do with a message whose earlier send may have reached WeChat (`WORKER_UNCERTAIN_SEND`).
+    public var uncertainSend: UncertainSend
+    /// How long a worker's claim on a message holds the others off, seconds (`WORKER_CLAIM_LEASE`).
+    public var claimLease: Int
     public var topology: WeChatTopology
 
     public init(_ env: RelayEnvironment) throws {
@@ -55,6 +59,13 @@ public struct WorkerConfiguration: Sendable {
         metricsPort = try env.port("METRICS_PORT", default: 9100)
         sessionTTL = try env.int("WORKER_SESSION_TTL", default: 30 * 86400, range: 60...(365 * 86400))
         finishedTTL = try env.int("WORKER_FINISHED_TTL", default: 3600, range: 60...86400)
+        let uncertain = env.string("WORKER_UNCERTAIN_SEND") ?? UncertainSend.resend.rawValue
+        guard let policy = UncertainSend(rawValue: uncertain) else {
+            throw ConfigurationError(variable: "WORKER_UNCERTAIN_SEND", reason: "must be resend or skip, not '\(uncertain)'")
+        }
+        uncertainSend = policy
+        // Keep it well above the 5 s send timeout: a send is only made within the first half.
+        claimLease = try env.int("WORKER_CLAIM_LEASE", default: 30, range: 1...3600)
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
         topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
     }

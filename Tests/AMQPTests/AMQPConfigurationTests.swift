@@ -21,6 +21,17 @@ struct AMQPConfigurationTests {
         #expect(d.virtualHost == "/")
     }
 
+    /// RabbitMQ's URI query parameter `heartbeat` (seconds); other parameters are ignored.
+    @Test func heartbeatFromTheQuery() throws {
+        #expect(try AMQPConfiguration(url: "amqp://h/v?heartbeat=5").heartbeat == .seconds(5))
+        #expect(try AMQPConfiguration(url: "amqp://h/v?connection_timeout=10&heartbeat=0").heartbeat == .zero)
+        #expect(try AMQPConfiguration(url: "amqp://h/v").heartbeat == .seconds(30))
+        #expect(try AMQPConfiguration(url: "amqp://h/v?heartbeat=5").virtualHost == "v")
+        for bad in ["amqp://h/?heartbeat=-1", "amqp://h/?heartbeat=x", "amqp://h/?heartbeat=99999999999999999999"] {
+            #expect(throws: AMQPError.self) { try AMQPConfiguration(url: bad) }
+        }
+    }
+
     /// A comma is a list separator only before another URL; elsewhere (a password) it is data.
     @Test func aCommaInAPasswordIsNotAListSeparator() throws {
         let one = try AMQPConfiguration(url: "amqp://u:pa,ss@h1:5673/v")

@@ -42,7 +42,8 @@ struct Stack: Sendable {
     func worker(
         rules: ReplyRules = .defaults, concurrency: Int = 16, sessions: RedisPool? = nil,
         retryDelays: [Duration] = RetryTopology.defaultDelays, membership: (interval: Duration, ttl: Duration)? = nil,
-        consumingURL: String? = nil, sendTimeout: Duration = .seconds(5)
+        consumingURL: String? = nil, sendTimeout: Duration = .seconds(5), uncertainSend: UncertainSend = .resend,
+        claimLease: Duration = .seconds(30)
     ) async throws -> Worker {
         var config = try AMQPConfiguration(url: consumingURL ?? amqpURL, connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
@@ -54,7 +55,7 @@ struct Stack: Sendable {
         let worker = Worker(
             amqp: amqp, publisher: publisher, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens, timeout: sendTimeout),
             rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
-            retryDelays: retryDelays)
+            retryDelays: retryDelays, uncertainSend: uncertainSend, claimLease: claimLease)
         if let membership { worker.membershipTiming = membership }
         return worker
     }

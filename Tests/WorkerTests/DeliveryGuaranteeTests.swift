@@ -1,0 +1,175 @@
+import AMQP
+import AsyncHTTPClient
+import Foundation
+import Glibc
+import Redis
+import RelayContract
+import Simulator
+import TestSupport
+import Testing
+import TokenClient
+import WeChat
+import Worker
+
+/// #16: at most one sender per message (claims and fences), per-user order through retries,
+/// and the uncertain send, with real RabbitMQ, Redis and worker processes.
+@Suite("Delivery guarantees", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+struct DeliveryGuaranteeTests {
+    /// A retried message holds its user's place: the first send fails (-1), and the user's
+    /// later messages are answered after it, in order, with the session in the same order
+    /// ("1" in the menu counts three messages). Before, the retry went to the back of the shard.
+    @Test func aRetryHoldsItsUsersPlace() async throws {
+        try await withStack(quota: 100) { s in
+            let w = try await s.worker(retryDelays: [.milliseconds(300), .milliseconds(300), .milliseconds(300)])
+            try await running([w]) {
+                await w.waitUntilOwning(s.topology.shardCount)
+                var faults = FakePlatform.Faults()
+                faults.failNextWith = -1
+                faults.failNextCount = 1
+                s.platform.faults = faults
+                for text in ["帮助", "菜单", "1"] { try await s.push("text", text, from: "oRetry") }
+                let replies = await s.replies(to: "oRetry", count: 3)
+                #expect(replies == [help, "功能列表\n1 我的消息数\n2 退出菜单", "您已发送3条消息"])
+                #expect(retried(w) == 1)
+            }
+        }
+    }
+
+    /// After its retries run out a message is dead-lettered, marked as skipped, and the
+    /// user's later messages go on.
+    @Test func aMessageOutOfRetriesIsSkippedAndMarked() async throws {
+        try await withStack(quota: 100) { s in
+            let delays: [Duration] = [.milliseconds(100), .milliseconds(100)]
+            let w = try await s.worker(retryDelays: delays)
+            try await running([w]) {
+                await w.waitUntilOwning(s.topology.shardCount)
+                var faults = FakePlatform.Faults()
+                faults.failNextWith = -1
+                faults.failNextCount = 1 + delays.count
+                s.platform.faults = faults
+                try await s.push("text", "帮助", from: "oSkip")
+                try await s.push("text", "菜单", from: "oSkip")
+                #expect(await s.replies(to: "oSkip", count: 1) == ["功能列表\n1 我的消息数\n2 退出菜单"])
+                let dead = try #require(try await s.pusher.get(queue: s.topology.deadLetterQueue))
+                #expect(dead.message.properties.headers[WorkerHeader.order]?.stringValue == "skipped")
+                #expect(dead.message.bodyString?.contains("帮助") == true)
+                try dead.ack()
+            }
+        }
+    }
+
+    /// The last check before a request goes out: a claim grown too old (a pause after it was
+    /// taken) sends nothing.
+    @Test func aClaimTooOldSendsNothing() async throws {
+        try await withStack(quota: 100) { s in
+            let tokens = TokenClient(redis: s.redis, keys: TokenKeys(appID: s.appID, prefix: s.topology.prefix), tokendURL: s.tokendURL, tokendSecret: "bearer")
+            let sender = Sender(apiURL: s.apiURL, http: .shared, tokens: tokens)
+            s.platform.userPushed(openID: "oOld", msgType: "text", event: nil)
+            let outcome = await sender.send(.text(to: "oOld", "late")) { false }
+            guard case .retryLater = outcome else {
+                Issue.record("expected a certain failure, got \(outcome)")
+                return
+            }
+            #expect(s.platform.sendCalls == 0)
+            #expect(await sender.send(.text(to: "oOld", "in time")) { true } == .sent)
+            #expect(s.platform.sendCalls == 1)
+        }
+    }
+
+    /// The claim and the fence in Redis: one claimant at a time, a lease that runs out into
+    /// "uncertain", a released claim that does not, a finished message, a raised fence.
+    @Test func claimsAndFences() async throws {
+        let redis = RedisPool(configuration: try RedisConfiguration(url: TestServices.redisURL()), size: 2, logger: workerLogger)
+        defer { redis.close() }
+        let store = SessionStore(redis: redis, appID: "wxc\(UInt32.random(in: 0 ... .max))", prefix: TestServices.unique("fence"))
+        let m = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oClaim", to: "gh", msgID: 42))
+        let mine = try await store.takeFence(shard: 3)
+        _ = try await store.observe(m, now: 1, fence: mine)
+        #expect(try await store.claim(m, worker: "a", fence: mine, lease: .seconds(30)) == .claimed)
+        guard case .busy = try await store.claim(m, worker: "b", fence: mine, lease: .seconds(30)) else {
+            Issue.record("a second claimant must wait")
+            return
+        }
+        try await store.releaseClaim(m, worker: "b")  // not b's: stays a's
+        guard case .busy = try await store.claim(m, worker: "b", fence: mine, lease: .seconds(30)) else {
+            Issue.record("only the owner releases a claim")
+            return
+        }
+        try await store.releaseClaim(m, worker: "a")  // a's send certainly failed
+        #expect(try await store.claim(m, worker: "b", fence: mine, lease: .milliseconds(50)) == .claimed)
+        // b's lease runs out (Redis's clock) without b recording a send: b may have sent it.
+        var afterLease = SessionStore.Claim.claimed
+        try await eventually("b's lease runs out") {
+            afterLease = try await store.claim(m, worker: "c", fence: mine, lease: .seconds(30))
+            if case .busy = afterLease { return false }
+            return true
+        }
+        #expect(afterLease == .uncertain)
+        // Another worker becomes the shard's consumer: our token is stale everywhere.
+        let theirs = try await store.takeFence(shard: 3)
+        #expect(theirs.token == mine.token + 1)
+        #expect(try await store.claim(m, worker: "c", fence: mine, lease: .seconds(30)) == .fenced)
+        let later = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "菜单", eventKey: nil, from: "oClaim", to: "gh", msgID: 43))
+        #expect(try await store.observe(later, now: 2, fence: mine).fenced)
+        #expect(try await store.session("oClaim").messages == 1, "a fenced observe changes nothing")
+        try await store.releaseClaim(m, worker: "c")
+        #expect(try await store.claim(m, worker: "d", fence: theirs, lease: .seconds(30)) == .claimed)
+        try await store.markReplied(m, sent: true)
+        #expect(try await store.claim(m, worker: "e", fence: theirs, lease: .seconds(30)) == .finished)
+    }
+
+    /// A real `wechat-worker` is paused (SIGSTOP) past the broker's heartbeat with a send in
+    /// flight and the user's next messages in hand; another worker stands by and takes over;
+    /// then the paused one is resumed (SIGCONT). Every message is answered once and in order:
+    /// the one whose request had reached the API is "uncertain" (its sender stopped before
+    /// recording it) and, under `WORKER_UNCERTAIN_SEND=skip`, not sent again; the resumed
+    /// worker sends nothing (its deliveries are stale, its fence too).
+    @Test(.enabled(if: TestServices.environment["WR_BIN_DIR"] != nil || TestServices.isCI))
+    func aPausedWorkerThatWakesUpSendsNothing() async throws {
+        let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
+        try await withStack(quota: 100) { s in
+            let port = try freePort()
+            let log = FileManager.default.temporaryDirectory.appendingPathComponent("paused-worker-\(UUID().uuidString).log").path
+            let a = try ChildProcess(
+                "\(bin)/wechat-worker",
+                environment: [
+                    "WECHAT_APPID": s.appID, "AMQP_URL": try TestServices.amqpURL() + "?heartbeat=2", "REDIS_URL": try TestServices.redisURL(),
+                    "WECHAT_API_URL": s.apiURL, "TOKEND_URL": s.tokendURL, "TOKEND_SECRET": "bearer",
+                    "WECHAT_QUEUE_PREFIX": s.topology.prefix, "METRICS_PORT": String(port), "WORKER_CLAIM_LEASE": "2",
+                    "WORKER_CONCURRENCY": "4", "LOG_LEVEL": "info",
+                ], logPath: log)
+            defer {
+                a.signal(SIGCONT)
+                a.kill()
+            }
+            func ready() async -> Bool {
+                guard let r = try? await HTTPClient.shared.execute(HTTPClientRequest(url: "http://127.0.0.1:\(port)/readyz"), timeout: .seconds(1)) else { return false }
+                return r.status == .ok
+            }
+            try await eventually("the worker process consumes", within: 60) { await ready() }
+            let user = "oPaused"
+            s.platform.hold(touser: user)
+            try await s.push("text", "帮助", from: user)
+            try await eventually("its send reached the API") { s.platform.heldCount(touser: user) >= 1 }
+            try await s.push("text", "菜单", from: user)
+            try await s.push("text", "1", from: user)
+            a.signal(SIGSTOP)
+            // WeChat takes the paused worker's request (it was already at the API).
+            s.platform.release(touser: user)
+            _ = await s.platform.waitForMessages(touser: user, count: 1)
+            let b = try await s.worker(membership: (.milliseconds(200), .seconds(1)), uncertainSend: .skip)
+            try await running([b]) {
+                // B takes the shards once A's membership lapses and becomes their active consumer
+                // once the broker drops A's connection (heartbeat 2 s).
+                try await eventually("the other worker answers the rest", within: 60) { s.platform.count(touser: user) >= 3 }
+                a.signal(SIGCONT)
+                try await eventually("the resumed worker is back", within: 60) { await ready() }
+                try await s.push("text", "2", from: user)
+                try await eventually("the next message is answered", within: 60) { s.platform.count(touser: user) >= 4 }
+                #expect(metric(b, #"wechat_worker_messages_total{outcome="uncertain"} "#) == 1)
+            }
+            let replies = s.platform.messages(touser: user).map { $0.content ?? "" }
+            #expect(replies == [help, "功能列表\n1 我的消息数\n2 退出菜单", "您已发送3条消息", "已退出菜单"], "log of the paused worker: \(log)")
+        }
+    }
+}
