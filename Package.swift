@@ -178,7 +178,7 @@ let package = Package(
         .executableTarget(
             name: "WeChatSim",
             dependencies: [
-                "Simulator", "RelayCore", "WeChat",
+                "Simulator", "RelayCore", "WeChat", "Chaos",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -198,6 +198,17 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "WeChatDev", dependencies: ["DevStack"]),
+        // `wechat-sim chaos`: the whole stack under faults, checked from the fake API's log.
+        .target(
+            name: "Chaos",
+            dependencies: [
+                "DevStack", "Simulator", "WeChat",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
         .executableTarget(
             name: "RelayFuzz",
             dependencies: ["WeChat", .product(name: "HummingbirdCore", package: "hummingbird")],

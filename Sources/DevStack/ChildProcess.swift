@@ -33,29 +33,30 @@ public enum Termination: Sendable, Equatable, CustomStringConvertible {
 /// spawned, watched (its pidfd, on a thread of its own) and signalled only inside
 /// swift-subprocess's `run` body, that is while it has not been reaped, so a signal can
 /// never reach another process that got its pid.
-final class ChildProcess: Sendable {
-    let name: String
-    let logPath: String
+package final class ChildProcess: Sendable {
+    package let name: String
+    package let logPath: String
     private let executable: String
     private let arguments: [String]
     private let environment: [String: String]
     private let directory: String
     private let spawned = Latch<Int32>()
-    private let stopAsked = Latch<Duration>()
     private let end = Latch<Termination>()
-    private let killed = Latch<Bool>()
+    /// Signals asked for, delivered by the task that watches the process (while it is not reaped).
+    private let signals: (stream: AsyncStream<Int32>, continuation: AsyncStream<Int32>.Continuation)
 
-    init(name: String, executable: String, arguments: [String], environment: [String: String], directory: String, logPath: String) {
+    package init(name: String, executable: String, arguments: [String], environment: [String: String], directory: String, logPath: String) {
         self.name = name
         self.executable = executable
         self.arguments = arguments
         self.environment = environment
         self.directory = directory
         self.logPath = logPath
+        signals = AsyncStream.makeStream(of: Int32.self)
     }
 
     /// Spawns the process and returns once it has ended (after ``stop(grace:)`` or by itself).
-    func run() async {
+    package func run() async {
         do {
             let out = try FileDescriptor.open(logPath, .writeOnly, options: [.append, .create], permissions: [.ownerReadWrite, .groupRead, .otherRead])
             let err = try FileDescriptor.open(logPath, .writeOnly, options: [.append, .create], permissions: [.ownerReadWrite, .groupRead, .otherRead])
@@ -76,21 +77,17 @@ final class ChildProcess: Sendable {
             end.fire(.notStarted("\(error)"))
         }
         spawned.fire(-1)  // no-op when it was spawned; wakes a waiter when it was not
+        signals.continuation.finish()
     }
 
-    /// Until the process exits: on a stop request, SIGTERM, then SIGKILL after the grace period.
+    /// Until the process exits: delivers the signals asked for with ``signal(_:)``.
     private func watch(_ id: ProcessIdentifier, send: @escaping @Sendable (Subprocess.Signal) -> Void) async {
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await Self.exit(of: id.processDescriptor) }
-            group.addTask { [stopAsked, killed] in
-                guard let grace = await stopAsked.wait() else { return }
-                send(.terminate)
-                try? await Task.sleep(for: grace)
-                if Task.isCancelled { return }
-                killed.fire(true)
-                send(.kill)
+            group.addTask { [signals] in
+                for await signal in signals.stream { send(Subprocess.Signal(rawValue: signal)) }
             }
-            await group.next()  // the exit: stop waiting for a stop
+            await group.next()  // the exit (the signal stream ends only after it)
             group.cancelAll()
         }
     }
@@ -108,31 +105,90 @@ final class ChildProcess: Sendable {
     }
 
     /// Its pid once spawned (`nil` if it could not be).
-    func pid() async -> Int32? {
+    package func pid() async -> Int32? {
         let pid = await spawned.wait(cancellable: false) ?? -1
         return pid > 0 ? pid : nil
     }
 
     /// How it ended, once it has.
-    var termination: Termination? { end.value }
+    package var termination: Termination? { end.value }
 
     /// Returns how the process ended, once it has; `nil` if the calling task is cancelled first.
-    func exited() async -> Termination? { await end.wait() }
+    package func exited() async -> Termination? { await end.wait() }
 
-    /// Asks it to stop (SIGTERM, SIGKILL after `grace`) and returns how it ended, and whether
-    /// it had to be killed.
-    func stop(grace: Duration) async -> (Termination, killed: Bool) {
-        stopAsked.fire(grace)
-        let termination = await end.wait(cancellable: false) ?? .notStarted("unknown")
-        return (termination, killed.value ?? false)
+    /// How it ended, if it does within `bound`.
+    package func exited(within bound: Duration) async -> Termination? {
+        await withTaskGroup(of: Termination?.self) { group in
+            group.addTask { await self.exited() }
+            group.addTask {
+                try? await Task.sleep(for: bound)
+                return nil
+            }
+            defer { group.cancelAll() }
+            return await group.next() ?? nil
+        }
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, SIGKILL, …) while the process runs; nothing once it ended.
+    package func signal(_ signal: Int32) { signals.continuation.yield(signal) }
+
+    /// SIGTERM, then SIGKILL if it has not ended within `grace`; returns how it ended, and
+    /// whether it had to be killed.
+    package func stop(grace: Duration) async -> (Termination, killed: Bool) {
+        signal(SIGCONT)  // a stopped process cannot act on SIGTERM
+        signal(SIGTERM)
+        if let t = await exited(within: grace) { return (t, false) }
+        signal(SIGKILL)
+        return (await end.wait(cancellable: false) ?? .notStarted("unknown"), true)
     }
 
     /// The last lines of its log.
-    func logTail() -> String { tailOfFile(logPath) }
+    package func logTail() -> String { tailOfFile(logPath) }
 }
 
 /// The last `lines` lines of the file at `path` (empty if it cannot be read).
 func tailOfFile(_ path: String, _ lines: Int = 20) -> String {
     guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return "" }
     return text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
+}
+
+/// Runs the children (and other work that must not be cut short by a stop) as tasks of one
+/// task group, ``run()``, owned by whoever outlives them all: the children are started and
+/// stopped by others, but never outlive it.
+package final class ProcessHost: Sendable {
+    private let jobs: AsyncStream<@Sendable () async -> Void>
+    private let input: AsyncStream<@Sendable () async -> Void>.Continuation
+
+    package init() { (jobs, input) = AsyncStream.makeStream() }
+
+    /// Runs the jobs until ``finish()``; returns once every job has ended.
+    package func run() async {
+        await withDiscardingTaskGroup { group in
+            for await job in jobs { group.addTask { await job() } }
+        }
+    }
+
+    /// No more jobs.
+    package func finish() { input.finish() }
+
+    /// Starts `child` as a job; returns its pid once spawned (`nil` if it could not start).
+    package func start(_ child: ChildProcess) async -> Int32? {
+        input.yield { await child.run() }
+        return await child.pid()
+    }
+
+    /// Runs `operation` as a job (never cancelled by the caller's cancellation) and waits for
+    /// its result even if the calling task is cancelled meanwhile.
+    package func shielded<T: Sendable>(_ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+        let result = Latch<Result<T, any Error>>()
+        input.yield {
+            do {
+                result.fire(.success(try await operation()))
+            } catch {
+                result.fire(.failure(error))
+            }
+        }
+        guard let outcome = await result.wait(cancellable: false) else { throw CancellationError() }
+        return try outcome.get()
+    }
 }

@@ -5,24 +5,32 @@ import SystemPackage
 /// configuration, the demo push): standard output captured, standard error appended to a
 /// log file, input `/dev/null`. Cancelling the calling task kills it (swift-subprocess's
 /// teardown); a command that must not be cut short runs where no stop cancels it
-/// (``Supervisor/shielded(_:)``).
-struct Command {
-    var executable: String
-    var arguments: [String]
-    var environment: [String: String]
-    var directory: String
+/// (``ProcessHost/shielded(_:)``).
+package struct Command {
+    package var executable: String
+    package var arguments: [String]
+    package var environment: [String: String]
+    package var directory: String
     /// Where standard error goes (appended).
-    var errorLog: String
+    package var errorLog: String
 
-    struct Failed: Error, CustomStringConvertible {
-        let command: String
-        let termination: Termination
-        let output: String
-        var description: String { "\(command) failed (\(termination))" }
+    package init(executable: String, arguments: [String], environment: [String: String], directory: String, errorLog: String) {
+        self.executable = executable
+        self.arguments = arguments
+        self.environment = environment
+        self.directory = directory
+        self.errorLog = errorLog
+    }
+
+    package struct Failed: Error, CustomStringConvertible {
+        package let command: String
+        package let termination: Termination
+        package let output: String
+        package var description: String { "\(command) failed (\(termination))" }
     }
 
     /// Runs the command; returns its standard output, or throws ``Failed`` when it did not exit 0.
-    func run() async throws -> String {
+    package func run() async throws -> String {
         let errors = try FileDescriptor.open(errorLog, .writeOnly, options: [.append, .create], permissions: [.ownerReadWrite, .groupRead, .otherRead])
         let result = try await Subprocess.run(
             .path(FilePath(executable)), arguments: Arguments(arguments),

@@ -41,17 +41,15 @@ public enum DevStack {
             group.addTask {
                 let failure = await run(supervisor, until: stopAsked)
                 await supervisor.shutdown()
-                supervisor.finishJobs()
+                supervisor.host.finish()
                 if let signal = stopAsked.value { return 128 + signal.rawValue }
                 if let failure { Console.say("error: \(failure)") }
                 return 1
             }
             // The children and shielded commands: tasks of this group, which outlives them all.
-            for await job in supervisor.jobs {
-                group.addTask {
-                    await job()
-                    return nil
-                }
+            group.addTask {
+                await supervisor.host.run()
+                return nil
             }
             var status: Int32 = 1
             while let next = await group.next() {

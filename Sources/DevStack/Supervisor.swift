@@ -9,10 +9,9 @@ final class Supervisor: Sendable {
     /// Where our own brokers live (`nil` when reusing running ones).
     let servicesDirectory: String?
     private let children = Mutex<[ChildProcess]>([])
-    /// Work that must outlive the start-up (the children, the brokers' start script), run as
-    /// tasks of the top-level task group (``DevStack``), which a stop does not cancel.
-    let jobs: AsyncStream<@Sendable () async -> Void>
-    private let jobsInput: AsyncStream<@Sendable () async -> Void>.Continuation
+    /// Runs what must outlive the start-up (the children, the brokers' start script): a task
+    /// of the top-level task group (``DevStack``), which a stop does not cancel.
+    let host = ProcessHost()
 
     /// The demo account. The simulator plays WeChat, so these are not real secrets.
     static let account = [
@@ -30,26 +29,7 @@ final class Supervisor: Sendable {
         self.settings = settings
         logs = settings.directory + "/logs"
         servicesDirectory = settings.reuse == nil ? settings.directory + "/services" : nil
-        (jobs, jobsInput) = AsyncStream.makeStream()
     }
-
-    /// Runs `operation` as a job of the top-level group (never cancelled by a stop) and waits
-    /// for its result even if the calling task is cancelled meanwhile.
-    func shielded<T: Sendable>(_ operation: @escaping @Sendable () async throws -> T) async throws -> T {
-        let result = Latch<Result<T, any Error>>()
-        jobsInput.yield {
-            do {
-                result.fire(.success(try await operation()))
-            } catch {
-                result.fire(.failure(error))
-            }
-        }
-        guard let outcome = await result.wait(cancellable: false) else { throw CancellationError() }
-        return try outcome.get()
-    }
-
-    /// No more jobs (called once everything has stopped).
-    func finishJobs() { jobsInput.finish() }
 
     // MARK: - Start-up
 
@@ -149,7 +129,7 @@ final class Supervisor: Sendable {
         // Not cut short by a stop: the script must finish writing the state and pid files
         // that `ops/services stop` reads, or a broker could be left running.
         let repository = settings.repository
-        let out = try await shielded { try await self.command(repository + "/ops/services", ["start", dir], log: "services.log") }
+        let out = try await host.shielded { try await self.command(repository + "/ops/services", ["start", dir], log: "services.log") }
         try Task.checkCancellation()
         var values: [String: String] = [:]
         for line in out.split(separator: "\n") where line.hasPrefix("export ") {
@@ -177,8 +157,7 @@ final class Supervisor: Sendable {
             name: name, executable: executable, arguments: arguments, environment: base.merging(extra) { $1 },
             directory: settings.directory, logPath: "\(logs)/\(name).log")
         children.withLock { $0.append(child) }
-        jobsInput.yield { await child.run() }
-        guard let pid = await child.pid() else {
+        guard let pid = await host.start(child) else {
             throw Failure(description: "could not start \(name) (\(executable)): \(child.termination ?? .notStarted("unknown"))")
         }
         Console.say("started \(name) (pid \(pid))")

@@ -1,3 +1,4 @@
+import Chaos
 import ArgumentParser
 import AsyncHTTPClient
 import Foundation
@@ -18,7 +19,7 @@ struct WeChatSimCommand: AsyncParsableCommand {
             Configured by environment variables (or ./.env; the environment wins): WECHAT_APPID, WECHAT_TOKEN,
             WECHAT_AES_KEY, WECHAT_SECRET, HTTP_HOST, HTTP_PORT (8090), LOG_LEVEL. See docs/CONTRACT.md.
             """,
-        subcommands: [APICommand.self, SendCommand.self, VerifyCommand.self, BenchCommand.self]
+        subcommands: [APICommand.self, SendCommand.self, VerifyCommand.self, BenchCommand.self, ChaosCommand.self]
     )
 }
 
@@ -156,6 +157,48 @@ struct VerifyCommand: AsyncParsableCommand {
 }
 
 /// `wechat-sim bench`: the end-to-end benchmark.
+struct ChaosCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "chaos",
+        abstract: "Run the whole stack under a push load with faults on a schedule; check every reply.",
+        discussion: """
+            Starts RabbitMQ and Redis (ops/services), tokend, ingress replicas and workers from --bin, serves the fake
+            WeChat API itself, pushes from many users (with WeChat's retries) while it kills, pauses and restarts things,
+            then checks, per user, from the fake API's log: every accepted push answered once (or dead-lettered, or
+            duplicated only where a send was uncertain), replies in push order, session counters right, no reply to a
+            refused push. Prints a table per fault. Exit status 1 when an invariant fails. A seed repeats a run.
+            """
+    )
+
+    @Option(help: "Seed of the fault order and the victims.") var seed: UInt64 = 1
+    @Option(help: "Seconds of pushing (the faults are spread over it).") var duration: Int = 120
+    @Option(help: "How many times each fault comes.") var rounds: Int = 1
+    @Option(help: "Distinct users.") var users: Int = 40
+    @Option(help: "Pushes per second.") var rate: Double = 20
+    @Option(help: "Worker processes.") var workers: Int = 3
+    @Option(help: "Ingress replicas.") var ingresses: Int = 2
+    @Option(help: "The repository (for ops/services).") var repo: String = FileManager.default.currentDirectoryPath
+    @Option(help: "Where the executables are (default: next to this one).") var bin: String?
+    @Option(help: "The run's folder (logs, brokers' data); default a new temporary one.") var dir: String?
+    @Option(help: "Also write the report as JSON to this file.") var json: String?
+
+    func run() async throws {
+        let own = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().path
+        let folder = dir ?? FileManager.default.temporaryDirectory.appendingPathComponent("wechatrelay-chaos-\(UUID().uuidString)").path
+        let settings = ChaosSettings(
+            seed: seed, duration: duration, users: users, rate: rate, workers: workers, ingresses: ingresses, rounds: rounds,
+            repository: repo, binaries: bin ?? own, directory: folder)
+        let report = try await ChaosRun(settings: settings) { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }.run()
+        print(report.table)
+        if let json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try encoder.encode(report).write(to: URL(fileURLWithPath: json))
+        }
+        if !report.holds { throw ExitCode.failure }
+    }
+}
+
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",

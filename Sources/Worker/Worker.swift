@@ -350,6 +350,14 @@ public final class Worker: Sendable {
         guard !delivery.isStale else {
             return logger.debug("skipping a delivery of a broken connection; the broker redelivers it")
         }
+        // Handing the shard over (or stopping): a job that has not started leaves its delivery
+        // unacknowledged; closing the channel gives every such delivery back at once, in the
+        // order they came (a retry that was waiting first). Processing it here could overtake
+        // that retry at the next consumer; a `nack` one by one is redelivered to this same
+        // consumer until its channel closes, and comes back out of order.
+        if shard.draining.isSet || stopping.isSet {
+            return logger.debug("handing over: a delivery not yet started goes back with the channel")
+        }
         metrics.consumed.increment()
         let message: InboundMessage
         do {
@@ -359,6 +367,7 @@ public final class Worker: Sendable {
             return
         }
         var retries = 0
+        var outageWaits = 0
         while true {
             await shard.limiter.acquire()
             let step: Step
@@ -385,14 +394,18 @@ public final class Worker: Sendable {
                 return
             }
             metrics.retried.increment()
-            let delay = counts ? retry.delays[retries - 1] : retry.delays[retry.delays.count - 1]
+            // An outage of ours is waited out from 1 s, doubling up to the longest delay.
+            let longest = retry.delays[retry.delays.count - 1]
+            var delay = counts ? retry.delays[retries - 1] : min(longest, .seconds(1) * (1 << min(outageWaits, 16)))
+            if !counts { outageWaits += 1 }
+            if delay <= .zero { delay = .milliseconds(100) }
             logger.info(
                 "retrying in the worker; the user's later messages wait",
                 metadata: ["wechat.dedup_key": "\(message.dedupID)", "attempt": "\(retries)", "reason": "\(reason)"])
             guard await shard.pause(delay, for: delivery) else {
-                // Handing over or stopping: give it back; it keeps its place at the head of its user's line.
-                if !delivery.isStale { try? delivery.nack(requeue: true) }
-                return logger.info("retry given back to the queue (hand-over or shutdown)", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+                // Handing over or stopping: left unacknowledged, it goes back when the channel closes,
+                // at the head of its user's line.
+                return logger.info("retry handed back with the shard (hand-over or shutdown)", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
             }
         }
     }
@@ -461,10 +474,7 @@ public final class Worker: Sendable {
             case .busy(let ms):
                 // Another worker is sending it (a hand-over raced us, or it paused): wait for its claim to resolve.
                 logger.info("another worker holds this message's claim; waiting", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
-                guard await shard.pause(.milliseconds(min(max(ms, 10), 1000)), for: delivery) else {
-                    if !delivery.isStale { try? delivery.nack(requeue: true) }
-                    return .done
-                }
+                guard await shard.pause(.milliseconds(min(max(ms, 10), 1000)), for: delivery) else { return .done }
             case .finished:
                 metrics.duplicates.increment()
                 try delivery.ack()

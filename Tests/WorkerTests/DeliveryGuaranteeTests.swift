@@ -35,6 +35,42 @@ struct DeliveryGuaranteeTests {
         }
     }
 
+    /// A hand-over while a user's first message waits for its retry and the second waits behind
+    /// it: both go back to the queue, in order, for the next worker. (Found by the chaos run:
+    /// the waiting retry was given back, and the second message, already in hand, was then sent
+    /// by the old worker before the next one sent the first.)
+    @Test func aHandOverGivesARetryAndWhatWaitsBehindItBackInOrder() async throws {
+        try await withStack(quota: 100, shards: 8) { s in
+            let timing: (Duration, Duration) = (.milliseconds(200), .seconds(1))
+            let a = try await s.worker(retryDelays: [.seconds(10), .seconds(10), .seconds(10)], membership: timing)
+            let b = try await s.worker(retryDelays: [.seconds(10), .seconds(10), .seconds(10)], membership: timing)
+            // One user per shard, so that whichever shards move, some users move with them.
+            var users: [Int: String] = [:]
+            for i in 0..<2000 where users.count < s.topology.shardCount {
+                let u = "oMove\(i)"
+                if users[s.topology.shard(openID: u)] == nil { users[s.topology.shard(openID: u)] = u }
+            }
+            try await running([a]) {
+                await a.waitUntilOwning(s.topology.shardCount)
+                var faults = FakePlatform.Faults()
+                faults.failNextWith = -1
+                faults.failNextCount = users.count  // every user's first send fails once, then waits 10 s
+                s.platform.faults = faults
+                for u in users.values {
+                    try await s.push("text", "帮助", from: u)
+                    try await s.push("text", "菜单", from: u)
+                }
+                try await eventually("every first send failed") { retried(a) >= users.count }
+                try await running([b]) {
+                    try await eventually("the shards are split") { !b.ownedShards.isEmpty && a.ownedShards.count < s.topology.shardCount }
+                    for u in users.values {
+                        #expect(await s.replies(to: u, count: 2) == [help, "功能列表\n1 我的消息数\n2 退出菜单"], "\(u)")
+                    }
+                }
+            }
+        }
+    }
+
     /// After its retries run out a message is dead-lettered, marked as skipped, and the
     /// user's later messages go on.
     @Test func aMessageOutOfRetriesIsSkippedAndMarked() async throws {

@@ -1,0 +1,211 @@
+import AsyncHTTPClient
+import DevStack
+import Foundation
+import Synchronization
+
+/// The processes of a chaos run, and the faults that act on them.
+final class Stack: Sendable {
+    let run: ChaosRun
+    let apiPort: Int
+    let ports: [Int]
+    let ingressURLs: [String]
+    private let state = Mutex(State())
+
+    private struct State {
+        var amqpURL = ""
+        var redisURL = ""
+        var children: [ChildProcess] = []
+        var workers: [(child: ChildProcess, port: Int)] = []
+        var spare: [Int] = []
+    }
+
+    var servicesDirectory: String { run.settings.directory + "/services" }
+    var logs: String { run.settings.directory + "/logs" }
+
+    init(run: ChaosRun, apiPort: Int, ports: [Int]) {
+        self.run = run
+        self.apiPort = apiPort
+        self.ports = ports
+        ingressURLs = (0..<run.settings.ingresses).map { "http://127.0.0.1:\(ports[1 + $0])/wechat" }
+    }
+
+    private var tokendPort: Int { ports[0] }
+
+    // MARK: - Start and stop
+
+    func start() async throws {
+        let s = run.settings
+        let out = try await run.host.shielded {
+            try await self.run.command(s.repository + "/ops/services", ["start", self.servicesDirectory], log: "services.log")
+        }
+        var values: [String: String] = [:]
+        for line in out.split(separator: "\n") where line.hasPrefix("export ") {
+            let pair = line.dropFirst("export ".count)
+            guard let eq = pair.firstIndex(of: "=") else { continue }
+            values[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
+        }
+        guard let amqp = values["AMQP_URL"], let redis = values["REDIS_URL"] else {
+            throw ChaosError(message: "ops/services start printed no AMQP_URL and REDIS_URL (\(logs)/services.log)")
+        }
+        let firstWorkerPort = 1 + s.ingresses
+        state.withLock {
+            $0.amqpURL = amqp
+            $0.redisURL = redis
+            $0.spare = Array(ports[(firstWorkerPort + s.workers)...])
+        }
+        let rules = s.directory + "/rules.yaml"
+        try """
+        # Each reply echoes its push and the messages counted so far (chaos run).
+        rules:
+          - match: { type: text }
+            reply: { text: "{{message.Content}} n={{session.messages}}" }
+        """.write(toFile: rules, atomically: true, encoding: .utf8)
+        run.progress("chaos: RabbitMQ and Redis up; starting tokend, \(s.ingresses) ingress, \(s.workers) workers")
+        let tokend = try await spawn("tokend", "wechat-tokend", [
+            "WECHAT_SECRET": run.secret, "WECHAT_API_URL": "http://127.0.0.1:\(apiPort)", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(tokendPort)",
+        ])
+        try await waitReady(tokend, "http://127.0.0.1:\(tokendPort)/readyz")
+        var ready: [(ChildProcess, String)] = []
+        for i in 0..<s.ingresses {
+            let port = ports[1 + i]
+            ready.append((try await spawn("ingress-\(i + 1)", "wechat-ingress", ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"]), "http://127.0.0.1:\(port)/readyz"))
+        }
+        for i in 0..<s.workers {
+            let port = ports[firstWorkerPort + i]
+            let child = try await startWorker(port: port)
+            state.withLock { $0.workers.append((child, port)) }
+            ready.append((child, "http://127.0.0.1:\(port)/readyz"))
+        }
+        for (child, url) in ready { try await waitReady(child, url) }
+        run.progress("chaos: the stack is up (logs in \(logs))")
+    }
+
+    /// Stops every process (the last started first), then the brokers.
+    func stop() async {
+        let children = state.withLock { $0.children }
+        for child in children.reversed() where child.termination == nil { _ = await child.stop(grace: .seconds(20)) }
+        if FileManager.default.fileExists(atPath: servicesDirectory + "/state") {
+            _ = try? await run.command(run.settings.repository + "/ops/services", ["stop", servicesDirectory], log: "services.log")
+        }
+    }
+
+    private func environment(_ extra: [String: String]) -> [String: String] {
+        let (amqp, redis) = state.withLock { ($0.amqpURL, $0.redisURL) }
+        return ProcessInfo.processInfo.environment.merging([
+            "WECHAT_APPID": run.appID, "WECHAT_TOKEN": run.token, "AMQP_URL": amqp, "REDIS_URL": redis,
+            "WECHAT_QUEUE_PREFIX": run.prefix, "TOKEND_SECRET": "chaos-bearer", "LOG_LEVEL": "info",
+        ]) { $1 }.merging(extra) { $1 }
+    }
+
+    private func spawn(_ name: String, _ executable: String, _ extra: [String: String]) async throws -> ChildProcess {
+        let child = ChildProcess(
+            name: name, executable: run.settings.binaries + "/" + executable, arguments: [], environment: environment(extra),
+            directory: run.settings.directory, logPath: "\(logs)/\(name).log")
+        state.withLock { $0.children.append(child) }
+        guard await run.host.start(child) != nil else {
+            throw ChaosError(message: "cannot start \(name): \(child.termination.map { "\($0)" } ?? "?")")
+        }
+        return child
+    }
+
+    private func startWorker(port: Int) async throws -> ChildProcess {
+        let amqp = state.withLock { $0.amqpURL }
+        return try await spawn("worker-\(run.nextWorkerNumber())", "wechat-worker", [
+            // A short heartbeat, so that the broker drops a paused worker within seconds.
+            "AMQP_URL": amqp + (amqp.contains("?") ? "&" : "?") + "heartbeat=2",
+            "METRICS_PORT": "\(port)", "WECHAT_API_URL": "http://127.0.0.1:\(apiPort)", "TOKEND_URL": "http://127.0.0.1:\(tokendPort)",
+            "WORKER_RULES": run.settings.directory + "/rules.yaml", "WORKER_CLAIM_LEASE": "6", "WORKER_CONCURRENCY": "16",
+        ])
+    }
+
+    private func waitReady(_ child: ChildProcess, _ url: String) async throws {
+        let deadline = ContinuousClock.now + .seconds(90)
+        while ContinuousClock.now < deadline {
+            if let t = child.termination { throw ChaosError(message: "\(child.name) exited (\(t)):\n\(child.logTail())") }
+            if let r = try? await HTTPClient.shared.execute(HTTPClientRequest(url: url), timeout: .seconds(1)), r.status == .ok { return }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        throw ChaosError(message: "\(child.name) not ready at \(url) after 90 s:\n\(child.logTail())")
+    }
+
+    // MARK: - Faults
+
+    func services(_ arguments: [String]) async throws {
+        let args = arguments.first == "rabbitmqctl"
+            ? ["rabbitmqctl", servicesDirectory] + arguments.dropFirst() : arguments + [servicesDirectory]
+        _ = try await run.command(run.settings.repository + "/ops/services", args, log: "services.log")
+    }
+
+    /// `SHUTDOWN SAVE`, then the same data again (a restart with persistence).
+    func restartRedis() async throws {
+        let redis = state.withLock { $0.redisURL }
+        guard let port = redis.split(separator: ":").last?.split(separator: "/").first.map(String.init) else {
+            throw ChaosError(message: "no Redis port in \(redis)")
+        }
+        _ = try? await run.command("/usr/bin/redis-cli", ["-p", port, "shutdown", "save"], log: "services.log")
+        try await Task.sleep(for: .seconds(2))
+        try await services(["redis-start"])
+    }
+
+    func killAndReplaceWorker(_ index: Int) async throws {
+        guard let (child, port) = state.withLock({ s in s.workers.indices.contains(index) ? s.workers[index] : nil }) else { return }
+        await scrape(child, port: port)
+        child.signal(SIGKILL)
+        _ = await child.exited(within: .seconds(10))
+        let replacement = try await startWorker(port: port)
+        state.withLock { $0.workers[index] = (replacement, port) }
+        try await waitReady(replacement, "http://127.0.0.1:\(port)/readyz")
+    }
+
+    func pauseWorker(_ index: Int, for pause: Duration) async throws {
+        guard let (child, port) = state.withLock({ s in s.workers.indices.contains(index) ? s.workers[index] : nil }) else { return }
+        await scrape(child, port: port)
+        child.signal(SIGSTOP)
+        try await Task.sleep(for: pause)
+        child.signal(SIGCONT)
+    }
+
+    /// Two extra workers join, then leave one after the other (SIGTERM: a graceful hand-over).
+    func handoverStorm() async throws {
+        let spare = state.withLock { $0.spare }
+        var extra: [(ChildProcess, Int)] = []
+        for port in spare.prefix(2) {
+            let child = try await startWorker(port: port)
+            extra.append((child, port))
+        }
+        for (child, port) in extra { try await waitReady(child, "http://127.0.0.1:\(port)/readyz") }
+        try await Task.sleep(for: .seconds(3))
+        for (child, port) in extra {
+            await scrape(child, port: port)
+            _ = await child.stop(grace: .seconds(30))
+            try await Task.sleep(for: .seconds(2))
+        }
+    }
+
+    // MARK: - Reading the outcome
+
+    /// Reads a worker's `uncertain` count (kept per process, its highest value).
+    func scrape(_ child: ChildProcess, port: Int) async {
+        guard child.termination == nil,
+            let r = try? await HTTPClient.shared.execute(HTTPClientRequest(url: "http://127.0.0.1:\(port)/metrics"), timeout: .seconds(2)),
+            let body = try? await r.body.collect(upTo: 1 << 20)
+        else { return }
+        let prefix = #"wechat_worker_messages_total{outcome="uncertain"} "#
+        let text = String(buffer: body)
+        if let line = text.split(separator: "\n").first(where: { $0.hasPrefix(prefix) }), let n = Double(line.dropFirst(prefix.count)) {
+            run.noteUncertain(child.logPath, Int(n))
+        }
+    }
+
+    func scrapeAll() async {
+        for (child, port) in state.withLock({ $0.workers }) { await scrape(child, port: port) }
+    }
+
+    /// The message ids (dedup digests) in the dead-letter queue, read with `wechat-worker dead-letters list`.
+    func deadLetterIDs() async throws -> Set<String> {
+        let out = try await run.command(
+            run.settings.binaries + "/wechat-worker", ["dead-letters", "list", "--limit", "100000"], environment: environment(["LOG_LEVEL": "error"]),
+            log: "dead-letters.log")
+        return Set(out.split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) })
+    }
+}
