@@ -29,6 +29,9 @@ public enum ChaosFault: String, CaseIterable, Sendable, Codable {
     case slowAPI = "slow-api"
     /// Two extra workers join and leave (shards handed over back and forth).
     case handoverStorm = "handover-storm"
+    /// An ingress replica stops answering for 7 s (SIGSTOP): WeChat's pushes to it time out and
+    /// are retried, and every try is published once it resumes (the workers drop the copies).
+    case slowIngress = "slow-ingress"
 }
 
 /// What a chaos run does.
@@ -320,6 +323,7 @@ public final class ChaosRun: Sendable {
         case .apiTimeouts: try await faults({ $0.dropRate = 0.1 }, for: 8)
         case .slowAPI: try await faults({ $0.latencyMs = 1500 }, for: 8)
         case .handoverStorm: try await stack.handoverStorm()
+        case .slowIngress: try await stack.pauseIngress(Int(rng.next() % UInt64(settings.ingresses)), for: .seconds(7))
         }
     }
 

@@ -16,6 +16,7 @@ final class Stack: Sendable {
         var redisURL = ""
         var children: [ChildProcess] = []
         var workers: [(child: ChildProcess, port: Int)] = []
+        var ingresses: [ChildProcess] = []
         var spare: [Int] = []
     }
 
@@ -68,7 +69,9 @@ final class Stack: Sendable {
         var ready: [(ChildProcess, String)] = []
         for i in 0..<s.ingresses {
             let port = ports[1 + i]
-            ready.append((try await spawn("ingress-\(i + 1)", "wechat-ingress", ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"]), "http://127.0.0.1:\(port)/readyz"))
+            let ingress = try await spawn("ingress-\(i + 1)", "wechat-ingress", ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"])
+            state.withLock { $0.ingresses.append(ingress) }
+            ready.append((ingress, "http://127.0.0.1:\(port)/readyz"))
         }
         for i in 0..<s.workers {
             let port = ports[firstWorkerPort + i]
@@ -163,6 +166,13 @@ final class Stack: Sendable {
         child.signal(SIGSTOP)
         try await Task.sleep(for: pause)
         child.signal(SIGCONT)
+    }
+
+    func pauseIngress(_ index: Int, for pause: Duration) async throws {
+        guard let ingress = state.withLock({ s in s.ingresses.indices.contains(index) ? s.ingresses[index] : nil }) else { return }
+        ingress.signal(SIGSTOP)
+        try await Task.sleep(for: pause)
+        ingress.signal(SIGCONT)
     }
 
     /// Two extra workers join, then leave one after the other (SIGTERM: a graceful hand-over).

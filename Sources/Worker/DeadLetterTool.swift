@@ -27,7 +27,7 @@ public struct DeadLetterTool: Sendable {
             var m = d.message
             let key = m.properties.headers[WorkerHeader.originalRoutingKey]?.stringValue
                 ?? topology.routingKey(openID: m.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? "")
-            for h in [WorkerHeader.reason, WorkerHeader.retryCount, WorkerHeader.originalRoutingKey] { m.properties.headers[h] = nil }
+            for h in [WorkerHeader.reason, WorkerHeader.retryCount, WorkerHeader.originalRoutingKey, WorkerHeader.order] { m.properties.headers[h] = nil }
             try await amqp.publish(m, exchange: topology.inboundExchange, routingKey: key, confirmTimeout: .seconds(10))
             return key
         } settle: { d in try d.ack() }.count

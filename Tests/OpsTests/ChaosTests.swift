@@ -14,12 +14,12 @@ struct ChaosTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let output = try await runCommand(
             "/usr/bin/env",
-            ["-u", "AMQP_URL", "-u", "REDIS_URL", bin + "/wechat-sim", "chaos", "--seed", "16", "--duration", "110", "--users", "30",
+            ["-u", "AMQP_URL", "-u", "REDIS_URL", bin + "/wechat-sim", "chaos", "--seed", "16", "--duration", "120", "--users", "30",
              "--rate", "15", "--repo", Repo.root.path, "--bin", bin, "--dir", dir.path + "/run"],
             includeStandardError: true)
         #expect(output.contains("invariants hold"), "\(output)")
         for fault in ["kill-worker", "pause-worker", "restart-rabbitmq", "restart-redis", "memory-alarm", "api-errors",
-                      "token-rejections", "api-timeouts", "slow-api", "handover-storm"] {
+                      "token-rejections", "api-timeouts", "slow-api", "handover-storm", "slow-ingress"] {
             #expect(output.contains("\n\(fault) "), "no row for \(fault): \(output)")
         }
         #expect(!output.contains("faults that failed"), "\(output)")
