@@ -448,7 +448,7 @@ public final class ChaosRun: Sendable {
             total.worstLatencyMs = max(total.worstLatencyMs, r.worstLatencyMs)
         }
         return ChaosReport(
-            seed: settings.seed, rows: order.compactMap { rows[$0] }, total: total, uncertain: uncertain, deadLettered: deadLettered,
+            seed: settings.seed, rows: order.map { rows[$0] ?? ChaosReport.Row(phase: $0) }, total: total, uncertain: uncertain, deadLettered: deadLettered,
             faultErrors: faultErrors, examples: examples)
     }
 
