@@ -100,20 +100,18 @@ extension RedisCommands {
         try await integer(["PUBLISH", .init(channel), .init(message)])
     }
 
-    /// Runs a Lua script atomically: EVALSHA, loading it with SCRIPT LOAD first when Redis answers NOSCRIPT.
+    /// Runs a Lua script atomically: EVALSHA, and when Redis answers NOSCRIPT (a restart, a
+    /// failover, `SCRIPT FLUSH`) EVAL with the source, which runs it and caches it again in one
+    /// command. (Loading it and retrying EVALSHA left a window: a flush between the two made
+    /// the retry fail too.)
     public func eval(_ script: RedisScript, keys: [String] = [], arguments: [RedisArgument] = []) async throws
         -> RedisReply
     {
-        let call: [RedisArgument] =
-            ["EVALSHA", .init(script.sha1), .init(keys.count)] + keys.map { RedisArgument($0) } + arguments
+        let rest: [RedisArgument] = [.init(keys.count)] + keys.map { RedisArgument($0) } + arguments
         do {
-            return try await send(call)
+            return try await send(["EVALSHA", .init(script.sha1)] + rest)
         } catch let e as RedisError where e.code == .serverError && e.message.hasPrefix("NOSCRIPT") {
-            let loaded = try await send(["SCRIPT", "LOAD", .init(script.source)]).text
-            guard loaded == script.sha1 else {
-                throw RedisError(.protocolError, "SCRIPT LOAD returned \(loaded ?? "nothing"), expected \(script.sha1)")
-            }
-            return try await send(call)
+            return try await send(["EVAL", .init(script.source)] + rest)
         }
     }
 

@@ -167,7 +167,7 @@ final class UserTurns: Sendable {
     func waitForAll(upTo bound: Duration) async -> Bool {
         let deadline = ContinuousClock.now + bound
         while !state.withLock({ $0.pending.isEmpty }) {
-            if ContinuousClock.now >= deadline { return false }
+            if ContinuousClock.now >= deadline || Task.isCancelled { return false }
             try? await Task.sleep(for: .milliseconds(20))
         }
         return true

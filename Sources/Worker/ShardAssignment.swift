@@ -176,6 +176,9 @@ final class ShardRunner: Sendable {
         await fenceLock.acquire()
         defer { fenceLock.release() }
         if let held = fence.withLock({ $0 }), held.generation >= generation { return held.fence }
+        // A delivery of a connection that broke since must not raise the fence: another worker
+        // may be the shard's consumer by now.
+        guard !delivery.isStale else { throw AMQPError(.staleDelivery, "the delivery's connection broke; not taking the fence") }
         let taken = try await worker.store.takeFence(shard: shard)
         fence.withLock { $0 = (generation, taken) }
         worker.logger.debug("took the shard's fence", metadata: ["worker.shard": "\(shard)", "worker.fence": "\(taken.token)"])
@@ -194,7 +197,7 @@ final class ShardRunner: Sendable {
         return !interrupted()
     }
 
-    /// Stops taking deliveries, finishes (and acks) the ones in hand — cancelling those still
+    /// Stops taking deliveries, finishes (and acks) the jobs already started — cancelling those still
     /// running after `deadline` (their deliveries go back unacknowledged) — then closes the
     /// channel so that the rest go back to the queue, in order, for the next consumer.
     ///
@@ -206,6 +209,10 @@ final class ShardRunner: Sendable {
             worker.logger.warning(
                 "hand-over deadline passed; cancelling the shard's jobs (their deliveries go back to the queue)",
                 metadata: ["worker.shard": "\(shard)"])
+            // The channel first (every unacked delivery goes back, in order), then the jobs:
+            // cancelling the consuming loop first would cancel the consumer while jobs still hold
+            // earlier messages, and the next consumer could overtake them.
+            await consumer.close()
             cutJobs.set()
         }
         await consumer.close()

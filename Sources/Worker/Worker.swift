@@ -220,7 +220,7 @@ public final class Worker: Sendable {
 
     /// Consumes its share of the shards until cancelled or graceful shutdown, rebalancing
     /// as workers come and go; then leaves the membership, hands every shard back
-    /// (finishing what is in hand, all shards at once) and returns.
+    /// (finishing the jobs already started, all shards at once; deliveries not yet started go back with the channels) and returns.
     ///
     /// The heartbeat runs in a task of its own, so a slow handover (a send in flight
     /// on a shard being released) never makes this worker look dead to the others.
@@ -370,6 +370,12 @@ public final class Worker: Sendable {
         var outageWaits = 0
         while true {
             await shard.limiter.acquire()
+            // A job cancelled by a hand-over's deadline while it waited for a permit does nothing:
+            // its delivery goes back unacknowledged.
+            if Task.isCancelled {
+                shard.limiter.release()
+                return
+            }
             let step: Step
             do {
                 step = try await handle(message, delivery, shard)
@@ -415,7 +421,7 @@ public final class Worker: Sendable {
         let signedQuery = delivery.message.properties.headers[WeChatTopology.Header.signedQuery]?.stringValue
         let fence = try await shard.fence(for: delivery)
         let observation = try await store.observe(message, now: now, signedQuery: signedQuery, fence: fence)
-        if observation.fenced { return fenced(message) }
+        if observation.fenced { return fenced(message, delivery, shard) }
         if observation.replayedQuery {
             metrics.replayedQuery.increment()
             logger.warning(
@@ -456,7 +462,11 @@ public final class Worker: Sendable {
             return .done
         }
         // At most one sender at a time: claim it (with our fence) right before the send.
+        var start = ContinuousClock.now
         claiming: while true {
+            // Counted from before the claim: a pause between Redis granting it and us reading the
+            // answer must count against it.
+            start = ContinuousClock.now
             switch try await store.claim(message, worker: id, fence: fence, lease: claimLease) {
             case .claimed:
                 break claiming
@@ -474,20 +484,24 @@ public final class Worker: Sendable {
             case .busy(let ms):
                 // Another worker is sending it (a hand-over raced us, or it paused): wait for its claim to resolve.
                 logger.info("another worker holds this message's claim; waiting", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
-                guard await shard.pause(.milliseconds(min(max(ms, 10), 1000)), for: delivery) else { return .done }
+                // Without a permit meanwhile: a stopped peer's claims must not hold other users up.
+                shard.limiter.release()
+                let waited = await shard.pause(.milliseconds(min(max(ms, 10), 1000)), for: delivery)
+                await shard.limiter.acquire()
+                guard waited else { return .done }
             case .finished:
                 metrics.duplicates.increment()
                 try delivery.ack()
                 return .done
             case .fenced:
-                return fenced(message)
+                return fenced(message, delivery, shard)
             }
         }
         // The last check before the request goes out: a claim older than half its lease (this
         // process was paused, or the token took long) may have passed to another worker.
-        let start = ContinuousClock.now
         let lease = claimLease
-        let outcome = await sender.send(reply) { ContinuousClock.now - start < lease / 2 }
+        let claimedAt = start
+        let outcome = await sender.send(reply) { ContinuousClock.now - claimedAt < lease / 2 && !Task.isCancelled }
         metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).wholeNanoseconds)
         switch outcome {
         case .sent:
@@ -538,11 +552,16 @@ public final class Worker: Sendable {
     /// Our fencing token is stale: another worker consumes the shard (this one was paused or
     /// cut off past the broker's heartbeat). Nothing is sent or changed; the delivery is left
     /// alone (its connection is gone, or will close, and the broker has the message).
-    private func fenced(_ message: InboundMessage) -> Step {
+    private func fenced(_ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner) -> Step {
         metrics.fenced.increment()
         logger.warning(
             "fenced out: another worker consumes this shard now; not processing",
             metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+        // On a connection that still works the fence can only be lost (Redis failed over and lost
+        // the token, or another worker was briefly active on this subscription): this runner is
+        // done; the next tick replaces it, its deliveries go back in order and the new one takes
+        // a new token.
+        if !delivery.isStale { shard.markEnded() }
         return .done
     }
 
@@ -558,7 +577,7 @@ public final class Worker: Sendable {
                 return
             } catch {
                 metrics.markRetries.increment()
-                if stopping.isSet {
+                if stopping.isSet || Task.isCancelled {
                     triesWhileStopping += 1
                     if triesWhileStopping > 5 {
                         logger.error(

@@ -193,10 +193,11 @@ struct WorkerTests {
                     help, help, "功能列表\n1 我的消息数\n2 退出菜单", "您已发送3条消息", unsupported, "您已发送5条消息", "已退出菜单",
                     unsupported, help, "感谢关注！输入“帮助”查看使用说明", unsupported,
                 ])
-                // Unsubscribe: no reply, the session is marked.
+                // Unsubscribe: no reply, the session is marked. (Awaited here: a shutdown leaves a
+                // delivery not yet started in the queue, unprocessed.)
                 try await s.push("event", "unsubscribe", from: u)
-                try await s.push("text", "帮助", from: "oOther")
-                _ = await s.replies(to: "oOther", count: 1)
+                let store = SessionStore(redis: s.redis, appID: s.appID, prefix: s.topology.prefix)
+                try await eventually("the unsubscribe is recorded") { try await store.session(u).values["subscribed"] == "0" }
             }
             #expect(s.platform.messages(touser: u).count == 11)
             let session = try await SessionStore(redis: s.redis, appID: s.appID, prefix: s.topology.prefix).session(u)
