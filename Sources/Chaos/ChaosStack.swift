@@ -39,13 +39,7 @@ final class Stack: Sendable {
         let out = try await run.host.shielded {
             try await self.run.command(s.repository + "/ops/services", ["start", self.servicesDirectory], log: "services.log")
         }
-        var values: [String: String] = [:]
-        for line in out.split(separator: "\n") where line.hasPrefix("export ") {
-            let pair = line.dropFirst("export ".count)
-            guard let eq = pair.firstIndex(of: "=") else { continue }
-            values[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
-        }
-        guard let amqp = values["AMQP_URL"], let redis = values["REDIS_URL"] else {
+        guard let (amqp, redis) = brokerURLs(fromServicesOutput: out) else {
             throw ChaosError(message: "ops/services start printed no AMQP_URL and REDIS_URL (\(logs)/services.log)")
         }
         let firstWorkerPort = 1 + s.ingresses

@@ -45,3 +45,16 @@ package struct Command {
         return text
     }
 }
+
+/// The broker addresses `ops/services start` prints (`export AMQP_URL=…` and `export REDIS_URL=…`
+/// lines), or `nil` when either is missing.
+package func brokerURLs(fromServicesOutput output: String) -> (amqp: String, redis: String)? {
+    var values: [String: String] = [:]
+    for line in output.split(separator: "\n") where line.hasPrefix("export ") {
+        let pair = line.dropFirst("export ".count)
+        guard let eq = pair.firstIndex(of: "=") else { continue }
+        values[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
+    }
+    guard let amqp = values["AMQP_URL"], let redis = values["REDIS_URL"] else { return nil }
+    return (amqp, redis)
+}

@@ -131,16 +131,10 @@ final class Supervisor: Sendable {
         let repository = settings.repository
         let out = try await host.shielded { try await self.command(repository + "/ops/services", ["start", dir], log: "services.log") }
         try Task.checkCancellation()
-        var values: [String: String] = [:]
-        for line in out.split(separator: "\n") where line.hasPrefix("export ") {
-            let pair = line.dropFirst("export ".count)
-            guard let eq = pair.firstIndex(of: "=") else { continue }
-            values[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
-        }
-        guard let amqp = values["AMQP_URL"], let redis = values["REDIS_URL"] else {
+        guard let urls = brokerURLs(fromServicesOutput: out) else {
             throw Failure(description: "ops/services start printed no AMQP_URL and REDIS_URL (see \(logs)/services.log)")
         }
-        return (amqp, redis)
+        return urls
     }
 
     private func freePorts(_ n: Int) async throws -> [Int] {
