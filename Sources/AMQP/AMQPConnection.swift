@@ -214,10 +214,12 @@ public final class AMQPConnection: Sendable {
     }
 
     /// Closes the connection: cancels consumers, waits (up to the connect timeout) for
-    /// confirms in flight, then closes the socket and ends the connection's thread.
+    /// confirms in flight, then closes the socket and ends the connection's thread. A
+    /// connection still logging in or declaring its topology is cut short at once.
     public func close() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             if !mailbox.submit({ core in core.close(c) }) { c.resume() }
+            mailbox.requestClose()  // after the submit: the thread, woken, finds the close waiting
         }
     }
 

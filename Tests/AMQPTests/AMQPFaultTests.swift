@@ -212,6 +212,28 @@ struct AMQPConnectionLossTests {
         await amqp.close()
     }
 
+    /// A close while the connection is still setting itself up (a login or declaration the
+    /// broker is slow to answer) ends it at once: it does not wait out the RPC timeout. CI saw
+    /// an ingress stopped during its first declarations outlive its 20 s stop bound.
+    @Test func aCloseDuringASlowSetUpIsNotHeldByIt() async throws {
+        let proxy = try AMQPProxy(targetPort: AMQPConfiguration(url: TestServices.amqpURL()).port)
+        defer { proxy.stop() }
+        let declaring = Locked(false)
+        proxy.setDelay { _, m in
+            guard m == AMQPProxy.Method.queueDeclare else { return nil }
+            declaring.withLock { $0 = true }
+            return .seconds(300)
+        }
+        let name = TestServices.unique("slow-setup")
+        var config = try AMQPConfiguration(url: proxy.url, connectionName: "amqp-slow-setup")
+        config.rpcTimeout = .seconds(300)
+        let amqp = try AMQPConnection(configuration: config, topology: testTopology(name), logger: testLogger)
+        try await eventually("the declaration reaches the proxy", within: 60) { declaring.value }
+        try await withTimeout("the close", seconds: 30) { await amqp.close() }
+        #expect(!amqp.isConnected)
+        await #expect(throws: AMQPError.self) { try await amqp.waitUntilConnected() }
+    }
+
     @Test func mismatchedCredentialsInAnAddressListAreRefused() {
         #expect(throws: AMQPError.self) {
             try AMQPConfiguration(url: "amqp://a:b@h1/%2F,amqp://a:c@h2/%2F")

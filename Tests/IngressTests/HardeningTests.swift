@@ -136,7 +136,8 @@ struct IngressHardeningTests {
         let out = try await runCommand("/usr/bin/env", ["python3", "-c", script])
         #expect(out.split(separator: "\n").map(String.init) == ["closed", "closed"], "\(out)")
         child.signal(SIGTERM)
-        #expect(await child.waitForExit(within: 20) == 0)
+        let status = await child.waitForExit(within: 20)
+        #expect(status == 0, "exit status \(status.map(String.init) ?? "none"): \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
     }
 }
 

@@ -25,9 +25,13 @@ final class Wire {
     private(set) var deathError: AMQPError?
     var isDead: Bool { deathError != nil || state == nil }
 
-    /// Opens a TCP connection to `host:port` and logs in; throws a clear error (refused,
-    /// bad credentials or virtual host) with nothing left allocated.
+    /// Where the TCP connection goes (for errors).
+    private let place: String
+
+    /// Opens a TCP connection to `host:port` (bounded by the connect timeout); throws a clear
+    /// error with nothing left allocated. ``login(_:)`` comes next.
     init(host: String, port: Int, configuration c: AMQPConfiguration) throws {
+        place = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         guard let state = amqp_new_connection() else {
             throw AMQPError(.connectionFailed, "amqp_new_connection failed (out of memory)")
         }
@@ -37,12 +41,18 @@ final class Wire {
             throw AMQPError(.connectionFailed, "amqp_tcp_socket_new failed")
         }
         var tv = timeval(duration: c.connectTimeout)
-        let place = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         let opened = host.withCString { amqp_socket_open_noblock(socket, $0, Int32(port), &tv) }
         if opened != Status.ok {
             destroy()
             throw AMQPError(.connectionFailed, "cannot connect to \(place): \(Status.describe(opened))", status: opened)
         }
+    }
+
+    /// Logs in (bounded by the RPC timeout); throws a clear error (bad credentials or virtual
+    /// host, or why the connection failed). On failure the caller destroys the wire: it may
+    /// have lent the socket out (``Mailbox/beginSetUp(socket:)``) and must take it back first.
+    func login(_ c: AMQPConfiguration) throws {
+        guard let state else { throw AMQPError(.connectionFailed, "login to \(place): the connection is gone") }
         var rpc = timeval(duration: c.rpcTimeout)
         _ = amqp_set_rpc_timeout(state, &rpc)
         _ = amqp_set_handshake_timeout(state, &rpc)  // the login too (librabbitmq's default is 12 s)
@@ -59,9 +69,7 @@ final class Wire {
             state, arena.cString(c.virtualHost), 0, c.frameMax, Int32(c.heartbeat.components.seconds), &props,
             arena.cString(c.user), arena.cString(c.password))
         if reply.reply_type != AMQP_RESPONSE_NORMAL {
-            let error = Self.loginError(reply, place: place, configuration: c)
-            destroy()
-            throw error
+            throw Self.loginError(reply, place: place, configuration: c)
         }
     }
 

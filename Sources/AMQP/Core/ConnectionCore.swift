@@ -129,7 +129,17 @@ final class ConnectionCore {
         let (host, port) = configuration.addresses[address]
         do {
             let w = try Wire(host: host, port: port, configuration: configuration)
-            try setUp(w)
+            do {
+                // Lent out while the blocking set-up runs, so that a close can cut it short.
+                guard mailbox.beginSetUp(socket: w.socket) else { throw AMQPError(.closed, "the connection was closed") }
+                try w.login(configuration)
+                try setUp(w)
+                mailbox.endSetUp()
+            } catch {
+                mailbox.endSetUp()
+                w.destroy()  // only after the socket is taken back
+                throw error
+            }
             wire = w
             let generation = machine.connected()
             mailbox.setConnected(true, generation: generation)
@@ -146,7 +156,9 @@ final class ConnectionCore {
             // consumers subscribed on it wait for the next one.
             consumers.connectionLost()
             let err = error as? AMQPError ?? AMQPError(.connectionFailed, "\(error)")
-            if lastConnectError?.message != err.message {  // once per distinct failure, not per attempt
+            if mailbox.isCloseRequested {
+                logger.debug("AMQP connection set-up ended by a close", metadata: ["error": "\(err)"])
+            } else if lastConnectError?.message != err.message {  // once per distinct failure, not per attempt
                 logger.warning(
                     "AMQP connection attempt failed",
                     metadata: ["amqp.url": "\(configuration.redactedURL(address: address))", "error": "\(err)"])

@@ -14,6 +14,11 @@ final class Mailbox: Sendable {
         var queue: [Work] = []
         var sleeping = false
         var finished = false
+        /// Set by ``requestClose()``; a set-up that begins after it is refused.
+        var closeRequested = false
+        /// The socket of a connection being set up (login, channels, declarations), while its
+        /// blocking calls run; -1 otherwise.
+        var settingUp: Int32 = -1
     }
 
     private let state = Mutex(State())
@@ -91,6 +96,40 @@ final class Mailbox: Sendable {
             }
         }
     }
+
+    // MARK: - Interrupting a set-up
+
+    // A set-up is a series of blocking calls, each bounded by the RPC timeout (30 s by
+    // default): a close would wait behind all of them before the thread could read it. The
+    // thread lends out the socket while it sets up, so that a close can `shutdown(2)` it: the
+    // blocked call returns with an error at once, and the thread then reads the close. The
+    // socket is only shut down under the lock, and the thread takes it back under the lock
+    // before closing it, so a descriptor number reused elsewhere is never touched. Only the
+    // kernel socket is touched from the other thread, never librabbitmq's state.
+
+    /// Lends out the socket of a connection about to be set up; `false` if a close was
+    /// already asked for (then the set-up is not to begin).
+    func beginSetUp(socket: Int32) -> Bool {
+        state.withLock { s in
+            guard !s.closeRequested else { return false }
+            s.settingUp = socket
+            return true
+        }
+    }
+
+    /// Takes the socket back (before the connection uses it as its own or closes it).
+    func endSetUp() { state.withLock { $0.settingUp = -1 } }
+
+    /// A close was asked for: a set-up in progress is cut short.
+    func requestClose() {
+        state.withLock { s in
+            s.closeRequested = true
+            if s.settingUp >= 0 { _ = shutdown(s.settingUp, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    /// Whether ``requestClose()`` was called (a failed set-up is then no news).
+    var isCloseRequested: Bool { state.withLock { $0.closeRequested } }
 
     func markFinished() { state.withLock { $0.finished = true } }
 
