@@ -1,147 +1,263 @@
 import CHiredis
-import Dispatch
 import Foundation
 import Synchronization
 
-/// One connection to Redis over hiredis.
+/// One connection to Redis over hiredis, shared by any number of concurrent callers and
+/// pipelined automatically: commands that arrive while a round trip is under way are written
+/// together in the next one, and their replies matched to them in order.
 ///
-/// - Important: hiredis contexts are not thread-safe. Every call on the context
-///   runs on this connection's own serial `DispatchQueue` (never on Swift's
-///   cooperative pool or a NIO event loop); async callers wait on a
+/// - Important: hiredis contexts are not thread-safe. The context is owned by this
+///   connection's own thread (never Swift's cooperative pool or a NIO event loop), which alone
+///   calls hiredis; callers hand their commands over through a lock and wait on a
 ///   continuation. That confinement is why the class is `@unchecked Sendable`.
-///   Most code borrows connections from a ``RedisPool`` instead of making them.
+///
+/// A round trip: take every waiting caller's commands, write them in one go, read the replies
+/// in order, resume each caller as soon as its replies are in. With many callers, one write
+/// and one or two reads serve dozens of commands; with one caller it is a plain round trip.
+///
+/// The connection (re)connects by itself: on first use, and on the next use after it broke.
+/// A command whose round trip fails (I/O error, timeout) fails with a retriable error — its
+/// effect is unknown — and is never resent here. Before each round trip an idle socket that
+/// shows the server closed it (a restart) is replaced first, since nothing was sent on it yet.
+/// Blocking commands (`BLPOP`, …) hold every caller behind them: give them a connection of
+/// their own (``RedisPool/withConnection(_:)``).
 public final class RedisConnection: @unchecked Sendable {
     public let configuration: RedisConfiguration
-    private let queue: DispatchQueue
-    /// Touched only on `queue`.
-    private var context: UnsafeMutablePointer<redisContext>?
-    /// The socket, for the pool's staleness check of an idle connection.
-    private let fd: Int32
-    private let broken = Atomic<Bool>(false)
 
-    private init(configuration: RedisConfiguration, queue: DispatchQueue, context: UnsafeMutablePointer<redisContext>) {
-        self.configuration = configuration
-        self.queue = queue
-        self.context = context
-        self.fd = context.pointee.fd
+    private struct Job {
+        let commands: [[RedisArgument]]
+        let continuation: CheckedContinuation<[RedisReply], any Error>
     }
 
-    deinit {
-        if let context { redisFree(context) }
+    private struct State {
+        var jobs: [Job] = []
+        var sleeping = false
+        var started = false
+        var closed = false
+    }
+
+    private let state = Mutex(State())
+    private let wake = DispatchSemaphore(value: 0)
+    private let broken = Atomic<Bool>(false)
+    private let connected = Atomic<Bool>(false)
+    /// Touched only on the connection's thread.
+    private var context: UnsafeMutablePointer<redisContext>?
+
+    /// A connection that connects on first use (use ``connect(_:)`` to connect now and see
+    /// errors at once).
+    public init(configuration: RedisConfiguration) {
+        self.configuration = configuration
     }
 
     /// Connects, authenticates and selects the database.
     /// - Throws: ``RedisError`` `.connectionFailed`, `.authenticationFailed`, `.serverError` (SELECT).
     public static func connect(_ configuration: RedisConfiguration) async throws -> RedisConnection {
-        let queue = DispatchQueue(label: "redis-connection")
-        let connection: RedisConnection = try await withCheckedThrowingContinuation { continuation in
-            queue.async {
-                do {
-                    let ctx = try openContext(configuration)
-                    continuation.resume(returning: RedisConnection(configuration: configuration, queue: queue, context: ctx))
-                } catch {
-                    continuation.resume(throwing: error)
-                }
-            }
-        }
-        if let password = configuration.password {
-            var auth: [RedisArgument] = ["AUTH"]
-            if let user = configuration.user { auth.append(RedisArgument(user)) }
-            auth.append(RedisArgument(password))
-            if case .error(let message) = try await connection.reply(auth) {
-                connection.close()
-                throw RedisError(.authenticationFailed, "AUTH refused for \(configuration.redactedURL): \(message)")
-            }
-        }
-        if configuration.database != 0 {
-            if case .error(let message) = try await connection.reply(["SELECT", RedisArgument(configuration.database)]) {
-                connection.close()
-                throw RedisError(.serverError, "SELECT \(configuration.database) failed: \(message)")
-            }
+        let connection = RedisConnection(configuration: configuration)
+        do {
+            _ = try await connection.submit([])  // an empty round trip: connects
+        } catch {
+            connection.close()
+            throw error
         }
         return connection
     }
 
-    private static func openContext(_ c: RedisConfiguration) throws -> UnsafeMutablePointer<redisContext> {
-        let connectTimeout = timeval(c.connectTimeout)
-        let ctx: UnsafeMutablePointer<redisContext>?
-        let target: String
-        switch c.endpoint {
-        case .tcp(let host, let port):
-            target = "\(host):\(port)"
-            ctx = redisConnectWithTimeout(host, Int32(port), connectTimeout)
-        case .unix(let path):
-            target = path
-            ctx = redisConnectUnixWithTimeout(path, connectTimeout)
-        }
-        guard let ctx else { throw RedisError(.connectionFailed, "cannot allocate a hiredis context") }
-        if ctx.pointee.err != 0 {
-            let why = errorString(ctx)
-            redisFree(ctx)
-            throw RedisError(.connectionFailed, "cannot connect to Redis at \(target): \(why)")
-        }
-        _ = redisSetTimeout(ctx, timeval(c.commandTimeout))
-        _ = redisEnableKeepAlive(ctx)
-        return ctx
-    }
-
-    /// Whether an I/O error or timeout has made this connection unusable.
+    /// Whether the last round trip failed (I/O error, timeout) and left the connection
+    /// unconnected; the next command connects again.
     public var isBroken: Bool { broken.load(ordering: .acquiring) }
+
+    /// Whether a context is open right now.
+    public var isConnected: Bool { connected.load(ordering: .acquiring) }
 
     /// Sends one command and returns its reply.
     /// - Throws: ``RedisError/Code/serverError`` for an error reply; `.connectionLost` or
-    ///   `.timeout` (both retriable) when the connection fails, which also breaks it.
+    ///   `.timeout` (both retriable) when the connection fails.
     public func send(_ arguments: [RedisArgument]) async throws -> RedisReply {
         try await reply(arguments).orThrow()
     }
 
     /// Sends one command and returns its reply, error replies included.
     public func reply(_ arguments: [RedisArgument]) async throws -> RedisReply {
-        try await pipeline([arguments])[0]
+        try await submit([arguments])[0]
     }
 
-    /// Sends all commands in one write and reads their replies in order: one round trip.
-    /// Error replies are returned in place (``RedisReply/error(_:)``); only a
-    /// connection failure throws.
+    /// Sends all commands together and reads their replies in order (one round trip, shared
+    /// with other callers'). Error replies are returned in place (``RedisReply/error(_:)``);
+    /// only a connection failure throws.
     public func pipeline(_ commands: [[RedisArgument]]) async throws -> [RedisReply] {
         guard !commands.isEmpty else { return [] }
-        return try await withCheckedThrowingContinuation { continuation in
-            queue.async { [self] in
-                do {
-                    continuation.resume(returning: try runPipeline(commands))
-                } catch {
-                    continuation.resume(throwing: error)
+        return try await submit(commands)
+    }
+
+    /// Closes the socket after the round trips already handed over; later commands fail with
+    /// ``RedisError/Code/closed``.
+    public func close() {
+        let wakeUp = state.withLock { s -> Bool in
+            s.closed = true
+            guard s.sleeping else { return false }
+            s.sleeping = false
+            return true
+        }
+        if wakeUp { wake.signal() }
+    }
+
+    // MARK: - The hand-over
+
+    private func submit(_ commands: [[RedisArgument]]) async throws -> [RedisReply] {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<[RedisReply], any Error>) in
+            enum Next { case refuse, start, wake, none }
+            let next = state.withLock { s -> Next in
+                if s.closed { return .refuse }
+                s.jobs.append(Job(commands: commands, continuation: c))
+                if !s.started {
+                    s.started = true
+                    return .start
+                }
+                guard s.sleeping else { return .none }
+                s.sleeping = false
+                return .wake
+            }
+            switch next {
+            case .refuse: c.resume(throwing: RedisError(.closed, "the Redis connection is closed"))
+            case .start:
+                let thread = Thread { [self] in runLoop() }
+                thread.name = "redis-connection"
+                thread.start()
+            case .wake: wake.signal()
+            case .none: break
+            }
+        }
+    }
+
+    /// The connection's thread: round trips until closed.
+    private func runLoop() {
+        while true {
+            let (jobs, closed) = state.withLock { s -> ([Job], Bool) in
+                let jobs = s.jobs
+                s.jobs.removeAll(keepingCapacity: true)
+                if jobs.isEmpty, !s.closed { s.sleeping = true }
+                return (jobs, s.closed)
+            }
+            if !jobs.isEmpty {
+                roundTrip(jobs)
+            } else if closed {
+                disconnect()
+                return
+            } else {
+                wake.wait()
+            }
+        }
+    }
+
+    // MARK: - On the connection's thread
+
+    private func roundTrip(_ jobs: [Job]) {
+        if let ctx = context, Self.looksClosedByServer(ctx) { disconnect() }
+        let ctx: UnsafeMutablePointer<redisContext>
+        do {
+            ctx = try context ?? open()
+        } catch {
+            for job in jobs { job.continuation.resume(throwing: error) }
+            return
+        }
+        for job in jobs {
+            for command in job.commands {
+                let status = Self.withArgv(command) { argc, argv, lengths in redisAppendCommandArgv(ctx, argc, argv, lengths) }
+                if status != REDIS_OK { return fail(jobs[...], ctx) }
+            }
+        }
+        var done: Int32 = 0
+        while done == 0 {
+            if redisBufferWrite(ctx, &done) != REDIS_OK { return fail(jobs[...], ctx) }
+        }
+        for (i, job) in jobs.enumerated() {
+            var replies: [RedisReply] = []
+            replies.reserveCapacity(job.commands.count)
+            for _ in job.commands {
+                var raw: UnsafeMutableRawPointer?
+                guard redisGetReply(ctx, &raw) == REDIS_OK, let raw else { return fail(jobs[i...], ctx) }
+                replies.append(Self.convert(raw.assumingMemoryBound(to: redisReply.self)))
+                freeReplyObject(raw)
+            }
+            job.continuation.resume(returning: replies)
+        }
+    }
+
+    /// The round trip failed: its commands' effect is unknown. The context is dropped (the
+    /// next round trip connects again) and every caller still waiting is told why.
+    private func fail(_ jobs: ArraySlice<Job>, _ ctx: UnsafeMutablePointer<redisContext>) {
+        let error = describe(ctx)
+        broken.store(true, ordering: .releasing)
+        disconnect()
+        for job in jobs { job.continuation.resume(throwing: error) }
+    }
+
+    private func disconnect() {
+        guard let ctx = context else { return }
+        context = nil
+        connected.store(false, ordering: .releasing)
+        redisFree(ctx)
+    }
+
+    /// Connects, authenticates and selects the database.
+    private func open() throws -> UnsafeMutablePointer<redisContext> {
+        let c = configuration
+        let connectTimeout = timeval(c.connectTimeout)
+        let opened: UnsafeMutablePointer<redisContext>?
+        let target: String
+        switch c.endpoint {
+        case .tcp(let host, let port):
+            target = "\(host):\(port)"
+            opened = redisConnectWithTimeout(host, Int32(port), connectTimeout)
+        case .unix(let path):
+            target = path
+            opened = redisConnectUnixWithTimeout(path, connectTimeout)
+        }
+        guard let ctx = opened else { throw RedisError(.connectionFailed, "cannot allocate a hiredis context") }
+        if ctx.pointee.err != 0 {
+            let why = Self.errorString(ctx)
+            redisFree(ctx)
+            throw RedisError(.connectionFailed, "cannot connect to Redis at \(target): \(why)")
+        }
+        _ = redisSetTimeout(ctx, timeval(c.commandTimeout))
+        _ = redisEnableKeepAlive(ctx)
+        do {
+            if let password = c.password {
+                var auth: [RedisArgument] = ["AUTH"]
+                if let user = c.user { auth.append(RedisArgument(user)) }
+                auth.append(RedisArgument(password))
+                if case .error(let message) = try Self.command(ctx, auth, configuration: c) {
+                    throw RedisError(.authenticationFailed, "AUTH refused for \(c.redactedURL): \(message)")
                 }
             }
-        }
-    }
-
-    /// Runs on `queue`.
-    private func runPipeline(_ commands: [[RedisArgument]]) throws -> [RedisReply] {
-        guard let ctx = context, !isBroken else {
-            throw RedisError(.connectionLost, "connection to \(configuration.redactedURL) is closed")
-        }
-        for command in commands {
-            let status = Self.withArgv(command) { argc, argv, lengths in
-                redisAppendCommandArgv(ctx, argc, argv, lengths)
+            if c.database != 0, case .error(let message) = try Self.command(ctx, ["SELECT", RedisArgument(c.database)], configuration: c) {
+                throw RedisError(.serverError, "SELECT \(c.database) failed: \(message)")
             }
-            if status != REDIS_OK { throw fail(ctx) }
+        } catch {
+            redisFree(ctx)
+            throw error
         }
-        var replies: [RedisReply] = []
-        replies.reserveCapacity(commands.count)
-        for _ in commands {
-            var raw: UnsafeMutableRawPointer?
-            guard redisGetReply(ctx, &raw) == REDIS_OK, let raw else { throw fail(ctx) }
-            let reply = raw.assumingMemoryBound(to: redisReply.self)
-            replies.append(Self.convert(reply))
-            freeReplyObject(raw)
-        }
-        return replies
+        context = ctx
+        broken.store(false, ordering: .releasing)
+        connected.store(true, ordering: .releasing)
+        return ctx
     }
 
-    /// Marks the connection broken and describes why.
-    private func fail(_ ctx: UnsafeMutablePointer<redisContext>) -> RedisError {
-        broken.store(true, ordering: .releasing)
+    /// One command on a context being set up.
+    private static func command(
+        _ ctx: UnsafeMutablePointer<redisContext>, _ command: [RedisArgument], configuration: RedisConfiguration
+    ) throws -> RedisReply {
+        let status = withArgv(command) { argc, argv, lengths in redisAppendCommandArgv(ctx, argc, argv, lengths) }
+        var raw: UnsafeMutableRawPointer?
+        guard status == REDIS_OK, redisGetReply(ctx, &raw) == REDIS_OK, let raw else {
+            throw RedisError(.connectionFailed, "connection to \(configuration.redactedURL) failed while logging in: \(errorString(ctx))")
+        }
+        defer { freeReplyObject(raw) }
+        return convert(raw.assumingMemoryBound(to: redisReply.self))
+    }
+
+    /// Why a round trip failed.
+    private func describe(_ ctx: UnsafeMutablePointer<redisContext>) -> RedisError {
         let why = Self.errorString(ctx)
         if ctx.pointee.err == REDIS_ERR_IO, why.contains("temporarily unavailable") || why.contains("timed out") {
             return RedisError(.timeout, "no reply from \(configuration.redactedURL) within \(configuration.commandTimeout)")
@@ -152,22 +268,11 @@ public final class RedisConnection: @unchecked Sendable {
         return RedisError(.connectionLost, "connection to \(configuration.redactedURL) lost: \(why)")
     }
 
-    /// Whether an idle connection's socket shows the server went away (EOF or reset):
-    /// an idle Redis connection never has anything to read.
-    func looksClosedByServer() -> Bool {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    /// Whether an idle connection's socket shows the server went away (EOF or reset): between
+    /// round trips a Redis connection never has anything to read.
+    private static func looksClosedByServer(_ ctx: UnsafeMutablePointer<redisContext>) -> Bool {
+        var p = pollfd(fd: ctx.pointee.fd, events: Int16(POLLIN), revents: 0)
         return poll(&p, 1, 0) != 0
-    }
-
-    /// Closes the socket (after whatever is queued on the connection).
-    public func close() {
-        broken.store(true, ordering: .releasing)
-        queue.async { [self] in
-            if let context {
-                redisFree(context)
-                self.context = nil
-            }
-        }
     }
 
     private static func errorString(_ ctx: UnsafeMutablePointer<redisContext>) -> String {

@@ -2,13 +2,13 @@ import Logging
 import ServiceLifecycle
 import Synchronization
 
-/// A pool of Redis connections: callers borrow one for a closure, or call commands directly.
+/// Redis for a whole process: commands from any number of concurrent callers go over a few
+/// shared, automatically pipelined ``RedisConnection``s; a caller that needs a connection to
+/// itself (a blocking command, `WATCH`/`MULTI`) borrows one with ``withConnection(_:)``.
 ///
-/// Connections are made on demand up to `size`; when all are busy, callers wait
-/// in line (pool exhaustion waits rather than fails). A connection that broke
-/// (I/O error, timeout) is dropped and replaced on the next borrow, and an idle
-/// one whose socket shows that Redis closed it (a restart) is replaced before
-/// use, so commands work again by themselves after Redis comes back.
+/// Shared connections connect on first use and again after they broke, so commands work
+/// again by themselves after Redis comes back. Borrowed connections are made on demand up to
+/// `size`; when all are busy, borrowers wait in line (exhaustion waits rather than fails).
 ///
 /// Run the pool as a `Service` (or call ``close()``) to close its connections.
 public final class RedisPool: Sendable, RedisCommands {
@@ -31,13 +31,21 @@ public final class RedisPool: Sendable, RedisCommands {
     }
 
     private let state = Mutex(State())
+    /// The connections ``send(_:)`` and ``pipeline(_:)`` share, taken in turn.
+    private let shared: [RedisConnection]
+    private let nextShared = Atomic<Int>(0)
 
-    /// - Parameter size: the most connections open at once.
-    public init(configuration: RedisConfiguration, size: Int = 16, logger: Logger) {
-        precondition(size > 0, "a Redis pool needs at least one connection")
+    /// - Parameters:
+    ///   - size: the most borrowed (``withConnection(_:)``) connections open at once.
+    ///   - shared: how many pipelined connections carry ``send(_:)`` and ``pipeline(_:)``
+    ///     (Redis runs commands one at a time: two keep one round trip on the wire while
+    ///     the other's replies are read).
+    public init(configuration: RedisConfiguration, size: Int = 16, shared: Int = 2, logger: Logger) {
+        precondition(size > 0 && shared > 0, "a Redis pool needs at least one connection")
         self.configuration = configuration
         self.size = size
         self.logger = logger
+        self.shared = (0..<shared).map { _ in RedisConnection(configuration: configuration) }
     }
 
     /// Borrows a connection for the duration of `body`.
@@ -56,15 +64,21 @@ public final class RedisPool: Sendable, RedisCommands {
     }
 
     public func send(_ arguments: [RedisArgument]) async throws -> RedisReply {
-        try await withConnection { try await $0.send(arguments) }
+        try await sharedConnection().send(arguments)
     }
 
     public func pipeline(_ commands: [[RedisArgument]]) async throws -> [RedisReply] {
-        try await withConnection { try await $0.pipeline(commands) }
+        try await sharedConnection().pipeline(commands)
     }
 
-    /// Connections open right now (idle and borrowed).
-    public var openConnections: Int { state.withLock { $0.total } }
+    private func sharedConnection() throws -> RedisConnection {
+        if state.withLock({ $0.closed }) { throw RedisError(.closed, "the Redis pool is closed") }
+        let i = nextShared.wrappingAdd(1, ordering: .relaxed).oldValue
+        return shared[Int(UInt(bitPattern: i) % UInt(shared.count))]
+    }
+
+    /// Connections open right now (shared ones connected, and borrowed ones).
+    public var openConnections: Int { state.withLock { $0.total } + shared.filter(\.isConnected).count }
 
     /// Callers waiting for a connection right now (for metrics).
     public var waitingCallers: Int { state.withLock { $0.waiters.count } }
@@ -83,7 +97,7 @@ public final class RedisPool: Sendable, RedisCommands {
             }
             switch next {
             case .use(let c):
-                if c.isBroken || c.looksClosedByServer() {
+                if c.isBroken {
                     discard(c)
                     continue
                 }
@@ -92,7 +106,7 @@ public final class RedisPool: Sendable, RedisCommands {
                 return try await create()
             case .wait:
                 if let c = try await waitInLine() {
-                    if c.isBroken || c.looksClosedByServer() {
+                    if c.isBroken {
                         discard(c)
                         continue
                     }
@@ -183,7 +197,7 @@ public final class RedisPool: Sendable, RedisCommands {
             s.waiters = []
             return r
         }
-        for c in idle { c.close() }
+        for c in idle + shared { c.close() }
         for w in waiters { w.continuation.resume(throwing: RedisError(.closed, "the Redis pool is closed")) }
     }
 }

@@ -76,7 +76,25 @@ public struct ReplyRules: Sendable {
     /// A customer-service message: `{text: "…"}` or `{msgtype: T, T: {…}}` as in the API.
     public struct Reply: Sendable, Decodable {
         /// The JSON object of the API, without `touser` (templated per message).
-        var object: [String: JSONValue]
+        var object: [String: JSONValue] {
+            didSet { fixed = Self.fixedMessage(object) }
+        }
+        /// The message, built once, when the reply has no `{{…}}` to fill (most replies):
+        /// only `touser` then differs per message.
+        private var fixed: CustomerServiceMessage?
+
+        private static func fixedMessage(_ object: [String: JSONValue]) -> CustomerServiceMessage? {
+            var placeholders = false
+            _ = JSONValue.object(object).filled { _ in
+                placeholders = true
+                return ""
+            }
+            guard !placeholders else { return nil }
+            var o = object
+            o["touser"] = .string("")
+            guard let data = try? JSONEncoder().encode(JSONValue.object(o)) else { return nil }
+            return try? JSONDecoder().decode(CustomerServiceMessage.self, from: data)
+        }
 
         public init(from decoder: any Decoder) throws {
             let value = try JSONValue(from: decoder)
@@ -88,12 +106,20 @@ public struct ReplyRules: Sendable {
                 throw RulesError(message: "a reply needs `text:` or `msgtype: T` with a `T:` object")
             }
             object = o
+            fixed = Self.fixedMessage(o)
         }
 
-        init(text: String) { object = ["msgtype": .string("text"), "text": .object(["content": .string(text)])] }
+        init(text: String) {
+            object = ["msgtype": .string("text"), "text": .object(["content": .string(text)])]
+            fixed = Self.fixedMessage(object)
+        }
 
         /// The message for `user`, with `{{session.X}}` and `{{message.X}}` filled in.
         func message(to user: String, fill: (String) -> String) throws -> CustomerServiceMessage {
+            if var m = fixed {
+                m.toUser = user
+                return m
+            }
             var o = object.mapValues { $0.filled(fill) }
             o["touser"] = .string(user)
             let data = try JSONEncoder().encode(JSONValue.object(o))

@@ -83,6 +83,8 @@ public struct Sender: Sendable {
         }
     }
 
+    private static let okAnswer = Array(#"{"errcode":0,"errmsg":"ok"}"#.utf8)
+
     private func post(_ body: [UInt8], token: String) async -> Attempt {
         var request = HTTPClientRequest(url: "\(apiURL)/cgi-bin/message/custom/send?access_token=\(token)")
         request.method = .POST
@@ -92,6 +94,8 @@ public struct Sender: Sendable {
             let response = try await http.execute(request, timeout: TimeAmount(timeout))
             let data = Data(try await response.body.collect(upTo: 1 << 16).readableBytesView)
             guard response.status == .ok else { return .done(.retryLater("HTTP \(response.status.code)")) }
+            // The common answer, recognised without a JSON decoder.
+            if data.elementsEqual(Self.okAnswer) { return .done(.sent) }
             guard let answer = try? JSONDecoder().decode(APIErrorResponse.self, from: data) else {
                 return .done(.retryLater("unreadable answer"))
             }

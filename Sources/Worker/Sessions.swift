@@ -131,16 +131,21 @@ public struct SessionStore: Sendable {
         return {1, snap, '', ''}
         """)
 
-    private static let commitScript = RedisScript(
-        """
-        local existing = redis.call('HGET', KEYS[1], 'decision')
-        if existing then return existing end
-        redis.call('HSET', KEYS[1], 'decision', ARGV[1])
-        if ARGV[2] == '1' then
-          if ARGV[3] == '' then redis.call('HDEL', KEYS[2], 'state') else redis.call('HSET', KEYS[2], 'state', ARGV[3]) end
+    /// Stores a decision unless one is stored (first writer wins), applying its state change;
+    /// evaluates to the stored decision. Shared by the commit and commit-and-claim scripts.
+    private static let commitLua = """
+        local function commit(rec, session, decision, setsState, state)
+          local existing = redis.call('HGET', rec, 'decision')
+          if existing then return existing end
+          redis.call('HSET', rec, 'decision', decision)
+          if setsState == '1' then
+            if state == '' then redis.call('HDEL', session, 'state') else redis.call('HSET', session, 'state', state) end
+          end
+          return decision
         end
-        return ARGV[1]
-        """)
+        """
+
+    private static let commitScript = RedisScript(commitLua + "\nreturn commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])")
 
     private static let markRepliedScript = RedisScript(
         """
@@ -181,7 +186,7 @@ public struct SessionStore: Sendable {
         if parts[0].int == 3 {
             return Observation(isNew: false, snapshot: SessionSnapshot(values: [:]), decision: nil, replied: false, fenced: true)
         }
-        let flat = (try? JSONDecoder().decode([String].self, from: Data(snapText.utf8))) ?? []
+        let flat = FlatJSON.stringArray(parts[1].bytes ?? []) ?? (try? JSONDecoder().decode([String].self, from: Data(snapText.utf8))) ?? []
         var values: [String: String] = [:]
         var i = 0
         while i + 1 < flat.count {
@@ -209,21 +214,34 @@ public struct SessionStore: Sendable {
         case fenced
     }
 
-    private static let claimScript = RedisScript(
+    /// The claim (see ``claim(_:worker:fence:lease:)``): evaluates to {kind, milliseconds}.
+    private static let claimLua = """
+        local function claim(rec, fence, worker, token, leaseMs, ttl)
+          if redis.call('HGET', rec, 'replied') then return {'finished', 0} end
+          if redis.call('GET', fence) ~= token then return {'fenced', 0} end
+          local t = redis.call('TIME')
+          local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+          local owner = redis.call('HGET', rec, 'claim')
+          local untilMs = tonumber(redis.call('HGET', rec, 'claim_until') or '0')
+          if owner and owner ~= worker and untilMs > now then return {'busy', untilMs - now} end
+          redis.call('HSET', rec, 'claim', worker, 'claim_until', now + tonumber(leaseMs))
+          if redis.call('TTL', rec) < 0 then redis.call('EXPIRE', rec, ttl) end
+          if owner and (owner ~= worker or untilMs <= now) then return {'uncertain', 0} end
+          return {'claimed', 0}
+        end
         """
-        local rec = KEYS[1]
-        if redis.call('HGET', rec, 'replied') then return {'finished', 0} end
-        if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {'fenced', 0} end
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-        local owner = redis.call('HGET', rec, 'claim')
-        local untilMs = tonumber(redis.call('HGET', rec, 'claim_until') or '0')
-        if owner and owner ~= ARGV[1] and untilMs > now then return {'busy', untilMs - now} end
-        redis.call('HSET', rec, 'claim', ARGV[1], 'claim_until', now + tonumber(ARGV[3]))
-        if redis.call('TTL', rec) < 0 then redis.call('EXPIRE', rec, ARGV[4]) end
-        if owner and (owner ~= ARGV[1] or untilMs <= now) then return {'uncertain', 0} end
-        return {'claimed', 0}
-        """)
+
+    private static let claimScript = RedisScript(claimLua + "\nreturn claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])")
+
+    /// The commit and the claim in one round trip (a new decision that is about to be sent):
+    /// {kind, milliseconds, stored decision}.
+    private static let commitAndClaimScript = RedisScript(
+        commitLua + "\n" + claimLua + """
+
+            local stored = commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+            local c = claim(KEYS[1], KEYS[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+            return {c[1], c[2], stored}
+            """)
 
     private static let releaseScript = RedisScript(
         """
@@ -240,7 +258,33 @@ public struct SessionStore: Sendable {
         let reply = try await redis.eval(
             Self.claimScript, keys: [recordKey(m), fence.key],
             arguments: [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
-        guard let parts = reply.array, parts.count == 2, let kind = parts[0].text else {
+        return try Self.claimAnswer(reply.array ?? [])
+    }
+
+    /// Stores `decision` (first writer wins, as ``commit(_:for:)``) and claims the message (as
+    /// ``claim(_:worker:fence:lease:)``) in one round trip: for a new decision about to be sent.
+    /// Returns the stored decision (another worker's, if it committed first) and the claim.
+    public func commitAndClaim(
+        _ decision: ReplyRules.Decision, for m: InboundMessage, worker: String, fence: Fence, lease: Duration
+    ) async throws -> (ReplyRules.Decision, Claim) {
+        let json = String(decoding: try JSONEncoder().encode(decision), as: UTF8.self)
+        let reply = try await redis.eval(
+            Self.commitAndClaimScript, keys: [recordKey(m), sessionKey(m.fromUserName), fence.key],
+            arguments: [
+                .init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? ""), .init(worker), .init(fence.token),
+                .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL),
+            ])
+        let parts = reply.array ?? []
+        let claim = try Self.claimAnswer(parts)
+        guard parts.count == 3, let text = parts[2].text else {
+            throw RedisError(.protocolError, "unexpected answer from the commit-and-claim script")
+        }
+        if text == json { return (decision, claim) }
+        return ((try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8))) ?? decision, claim)
+    }
+
+    private static func claimAnswer(_ parts: [RedisReply]) throws -> Claim {
+        guard parts.count >= 2, let kind = parts[0].text else {
             throw RedisError(.protocolError, "unexpected answer from the claim script")
         }
         switch kind {
@@ -275,7 +319,9 @@ public struct SessionStore: Sendable {
         let stored = try await redis.eval(
             Self.commitScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
             arguments: [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? "")])
-        guard let text = stored.text, let d = try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8)) else {
+        guard let text = stored.text, text != json,
+            let d = try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8))
+        else {
             return decision
         }
         return d

@@ -438,19 +438,29 @@ public final class Worker: Sendable {
         }
         if !observation.isNew, observation.decision == nil { metrics.duplicates.increment() }
         var decision: ReplyRules.Decision
+        // A new decision that is about to be sent is committed and claimed in one round trip.
+        var preclaimed: (claim: SessionStore.Claim, start: ContinuousClock.Instant)?
         if let stored = observation.decision {
             decision = stored
         } else {
             decision = try await decide(message, observation.snapshot)
-            decision = try await store.commit(decision, for: message)
+            if decision.reply != nil, !isPaused, observation.snapshot.sendWouldFail(now: now) == nil {
+                let start = ContinuousClock.now
+                let (stored, claim) = try await store.commitAndClaim(decision, for: message, worker: id, fence: fence, lease: claimLease)
+                decision = stored
+                preclaimed = (claim, start)
+            } else {
+                decision = try await store.commit(decision, for: message)
+            }
         }
         guard let reply = decision.reply else {
             metrics.noReply.increment()
-            try await store.markReplied(message, sent: false)
+            try await store.markReplied(message, sent: false)  // also drops a claim taken above
             try delivery.ack()
             return .done
         }
-        if let pause = paused.withLock({ $0 }), pause > Date() {
+        if isPaused {
+            if let p = preclaimed, p.claim == .claimed || p.claim == .uncertain { try await store.releaseClaim(message, worker: id) }
             await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
             return .done
         }
@@ -466,8 +476,15 @@ public final class Worker: Sendable {
         claiming: while true {
             // Counted from before the claim: a pause between Redis granting it and us reading the
             // answer must count against it.
-            start = ContinuousClock.now
-            switch try await store.claim(message, worker: id, fence: fence, lease: claimLease) {
+            let claim: SessionStore.Claim
+            if let first = preclaimed {
+                (claim, start) = first
+                preclaimed = nil
+            } else {
+                start = ContinuousClock.now
+                claim = try await store.claim(message, worker: id, fence: fence, lease: claimLease)
+            }
+            switch claim {
             case .claimed:
                 break claiming
             case .uncertain:
@@ -548,6 +565,9 @@ public final class Worker: Sendable {
             return .done
         }
     }
+
+    /// Whether sends are paused after an alert (48001, 45009, …).
+    private var isPaused: Bool { paused.withLock { $0 }.map { $0 > Date() } ?? false }
 
     /// Our fencing token is stale: another worker consumes the shard (this one was paused or
     /// cut off past the broker's heartbeat). Nothing is sent or changed; the delivery is left

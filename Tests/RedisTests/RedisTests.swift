@@ -184,15 +184,59 @@ struct RedisTests {
             }
         }
         for await _ in held { break }
-        // This caller has to wait for the connection; it must not fail.
-        let waiter = Task { try await redis.getString(k) }
+        // This borrower has to wait for the connection; it must not fail.
+        let waiter = Task { try await redis.withConnection { try await $0.getString(k) } }
         while redis.waitingCallers == 0 { await Task.yield() }  // it is in line
+        // Commands of the shared connections do not wait for borrowed ones.
+        #expect(try await redis.getString(k) == "held")
         releasing.yield()
         #expect(try await waiter.value == "held")
         try await holder.value
-        #expect(redis.openConnections == 1)
+        #expect(redis.openConnections <= 1 + 2)
         try await redis.del(k)
         redis.close()
+    }
+
+    /// Thousands of concurrent callers share the pool's two pipelined connections, and each
+    /// gets its own reply (replies are matched to commands in order, across callers).
+    @Test func concurrentCallersSharePipelinedConnections() async throws {
+        let redis = try testPool(size: 1)
+        defer { redis.close() }
+        let k = TestServices.unique("mux")
+        try await redis.pipeline((0..<2000).map { ["SET", .init("\(k):\($0)"), .init("v\($0)")] }).forEach { #expect($0 == .status("OK")) }
+        let wrong = try await withThrowingTaskGroup(of: Int.self) { group in
+            for i in 0..<2000 {
+                group.addTask {
+                    // A mix of single commands and small pipelines.
+                    if i % 3 == 0 {
+                        let r = try await redis.pipeline([["GET", .init("\(k):\(i)")], ["STRLEN", .init("\(k):\(i)")]])
+                        return r == [.string(Array("v\(i)".utf8)), .integer(Int64(("v\(i)").utf8.count))] ? 0 : 1
+                    }
+                    return try await redis.getString("\(k):\(i)") == "v\(i)" ? 0 : 1
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        #expect(wrong == 0)
+        #expect(redis.openConnections <= 2)
+        _ = try await redis.send(["DEL"] + (0..<2000).map { .init("\(k):\($0)") })
+    }
+
+    /// An idle shared connection that Redis closed (a restart, `CLIENT KILL`, a timeout) is
+    /// replaced before the next command is written: the command does not fail.
+    @Test func anIdleConnectionClosedByRedisIsReplacedUnnoticed() async throws {
+        let redis = try testPool(size: 1)
+        defer { redis.close() }
+        // The shared connections are taken in turn: two calls name both.
+        var ids = Set<Int64>()
+        for _ in 0..<2 { ids.insert(try await redis.send(["CLIENT", "ID"]).int ?? -1) }
+        #expect(ids.count == 2)
+        for id in ids {
+            let killed = try await redis.withConnection { try await $0.send(["CLIENT", "KILL", "ID", .init(id)]) }
+            #expect(killed.int == 1)
+        }
+        // Each shared connection is used once more: the first command on each must succeed.
+        for _ in 0..<4 { #expect(try await redis.send(["PING"]) == .status("PONG")) }
     }
 
     @Test func wrongPasswordAndRefusedConnectionAreClearErrors() async throws {
@@ -252,7 +296,8 @@ struct RedisRestartTests {
             for i in 0..<20 { try await redis.set("k\(i)", to: "v") }
             #expect(redis.openConnections >= 1)
             // A command in flight when Redis dies fails with a retriable error.
-            let blocked = Task { try await redis.send(["BLPOP", "never-filled", "0"]) }
+            // A blocking command gets a connection of its own (it would hold up a shared one).
+            let blocked = Task { try await redis.withConnection { try await $0.send(["BLPOP", "never-filled", "0"]) } }
             // Wait until Redis reports the BLPOP parked (each check is a round trip, not a sleep).
             while try await redis.send(["INFO", "clients"]).text?.contains("blocked_clients:1") != true {
                 await Task.yield()
