@@ -252,14 +252,16 @@ struct WorkerHardeningTests {
     /// #15: a handover waited for the shard's in-flight work inside the heartbeat loop, so a slow
     /// send stopped the heartbeat and the other worker took every shard meanwhile.
     @Test func aSlowHandoverKeepsTheHeartbeat() async throws {
+        // A membership lifetime of 3 s: a busy test machine (the whole suite on 2 cores) can hold
+        // a heartbeat up for a second, which a 1 s lifetime turned into a takeover (seen in a full run).
         try await withStack(quota: 100) { s in
-            let a = try await s.worker(membership: (.milliseconds(200), .seconds(1)))
-            let b = try await s.worker(membership: (.milliseconds(200), .seconds(1)))
+            let a = try await s.worker(membership: (.milliseconds(300), .seconds(3)), sendTimeout: .seconds(30))
+            let b = try await s.worker(membership: (.milliseconds(300), .seconds(3)), sendTimeout: .seconds(30))
             try await running([a]) {
                 await a.waitUntilOwning(s.topology.shardCount)
                 // A send on every shard that takes three heartbeat lifetimes.
                 var slow = FakePlatform.Faults()
-                slow.latencyMs = 3000
+                slow.latencyMs = 9000
                 s.platform.faults = slow
                 let arrivals = s.platform.arrivalCount
                 let users = (0..<200).map { "oSlow\($0)" }
