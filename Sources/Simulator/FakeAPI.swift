@@ -111,6 +111,8 @@ public struct FakeAPI: Sendable {
         let answer = platform.sendCustomerService(message, body: text)
         if answer.errcode != 0 {
             logger.info("custom/send refused", metadata: ["wechat.openid": "\(message.toUser)", "wechat.errcode": "\(answer.errcode)"])
+        } else if platform.takeGatewayErrorAfterSend() {
+            return Self.status(.gatewayTimeout, "gateway timeout (the message was sent)")
         }
         return Self.json(answer)
     }

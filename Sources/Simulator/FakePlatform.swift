@@ -43,6 +43,9 @@ public final class FakePlatform: Sendable {
         /// The next `failNextCount` calls of custom/send answer this errcode (e.g. -1, 40001), then normal service resumes.
         public var failNextWith: Int = 0
         public var failNextCount: Int = 0
+        /// The next `gatewayErrorsAfterSend` calls of custom/send are carried out (the message
+        /// is sent) and then answered HTTP 504, as a gateway that timed out on WeChat's answer.
+        public var gatewayErrorsAfterSend: Int = 0
 
         public init() {}
 
@@ -56,6 +59,7 @@ public final class FakePlatform: Sendable {
             quotaExhausted = try c.decodeIfPresent(Bool.self, forKey: .quotaExhausted) ?? false
             failNextWith = try c.decodeIfPresent(Int.self, forKey: .failNextWith) ?? 0
             failNextCount = try c.decodeIfPresent(Int.self, forKey: .failNextCount) ?? 0
+            gatewayErrorsAfterSend = try c.decodeIfPresent(Int.self, forKey: .gatewayErrorsAfterSend) ?? 0
         }
     }
 
@@ -257,6 +261,16 @@ public final class FakePlatform: Sendable {
         let answer = decideSend(message, body: body, now: now)
         if answer.errcode != 0 { state.withLock { $0.refusals[answer.errcode, default: 0] += 1 } }
         return answer
+    }
+
+    /// Whether the answer to a send just carried out is to be lost at a gateway (504), per
+    /// ``Faults/gatewayErrorsAfterSend``; counts it down.
+    public func takeGatewayErrorAfterSend() -> Bool {
+        state.withLock { s in
+            guard s.faults.gatewayErrorsAfterSend > 0 else { return false }
+            s.faults.gatewayErrorsAfterSend -= 1
+            return true
+        }
     }
 
     /// custom/send calls refused so far by the send rules (window, quota, unsubscribed, 45009, failNext), by errcode.

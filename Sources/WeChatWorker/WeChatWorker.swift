@@ -38,14 +38,21 @@ struct Run: AsyncParsableCommand {
             let configuration = try WorkerConfiguration(env)
             let logger = RelayBootstrap.logger("wechat-worker", appID: configuration.appID)
             let metrics = WorkerMetrics(registry: RelayBootstrap.metrics())
-            let app = try buildWorker(configuration: configuration, metrics: metrics, logger: logger)
+            let http = makeWorkerHTTPClient()
+            let app = try buildWorker(configuration: configuration, metrics: metrics, logger: logger, http: http)
             logger.info(
                 "wechat-worker starting",
                 metadata: [
                     "amqp.url": "\(configuration.amqp.redactedURL)", "redis.url": "\(configuration.redis.redactedURL)",
                     "wechat.api": "\(configuration.apiURL)", "worker.concurrency": "\(configuration.concurrency)",
                 ])
-            try await RelayBootstrap.runUntilSignalled(app.services, logger: logger)
+            do {
+                try await RelayBootstrap.runUntilSignalled(app.services, logger: logger)
+            } catch {
+                try? await http.shutdown()
+                throw error
+            }
+            try? await http.shutdown()  // after the worker stopped: no send is left in flight
         }
     }
 }

@@ -93,6 +93,10 @@ public struct Sender: Sendable {
         do {
             let response = try await http.execute(request, timeout: TimeAmount(timeout))
             let data = Data(try await response.body.collect(upTo: 1 << 16).readableBytesView)
+            // A gateway's 502/504 may come after WeChat carried the send out: the reply may be out.
+            if response.status == .badGateway || response.status == .gatewayTimeout {
+                return .done(.uncertain("HTTP \(response.status.code) from a gateway: WeChat may have sent it"))
+            }
             guard response.status == .ok else { return .done(.retryLater("HTTP \(response.status.code)")) }
             // The common answer, recognised without a JSON decoder.
             if data.elementsEqual(Self.okAnswer) { return .done(.sent) }

@@ -52,6 +52,23 @@ public func buildWorker(
     return WorkerApp(worker: worker, redis: redis, services: [amqp, publisher, redis, WorkerService(worker: worker), app])
 }
 
+/// The worker's client for WeChat's API (a caller shuts it down when the worker has stopped).
+///
+/// Unlike `HTTPClient.shared` (a browser-like configuration): redirects are refused (a POST
+/// followed to another place could send a reply twice), answers are not decompressed (WeChat
+/// answers a few bytes of JSON), a connection attempt gives up after 2 s, and request tracing
+/// is off — with no tracer bootstrapped, the client still built every request's span
+/// attributes, URL parsing included (about 3 % of the worker's CPU, BENCHMARKS.md).
+public func makeWorkerHTTPClient(connections: Int = 16) -> HTTPClient {
+    var c = HTTPClient.Configuration()
+    c.redirectConfiguration = .disallow
+    c.decompression = .disabled
+    c.timeout = .init(connect: .seconds(2), read: .seconds(10))
+    c.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = connections
+    c.tracing.tracer = nil
+    return HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: c)
+}
+
 /// The worker's HTTP endpoints: `/healthz` (the process runs), `/readyz` (consuming every
 /// shard it owns and Redis answers; else 503 saying which is missing), `/metrics`.
 public func buildWorkerRouter(worker: Worker, redis: RedisPool) -> Router<BasicRequestContext> {

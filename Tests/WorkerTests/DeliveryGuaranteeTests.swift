@@ -154,6 +154,29 @@ struct DeliveryGuaranteeTests {
         #expect(try await store.claim(m, worker: "e", fence: theirs, lease: .seconds(30)) == .finished)
     }
 
+    /// A gateway answers 502/504 after WeChat carried the send out: that send is uncertain,
+    /// not a certain failure, so under `WORKER_UNCERTAIN_SEND=skip` it is not sent again (a 504
+    /// was read as "not sent", and the retry sent the reply a second time).
+    @Test func aGatewayTimeoutAfterTheSendIsUncertain() async throws {
+        try await withStack(quota: 100) { s in
+            let w = try await s.worker(uncertainSend: .skip)
+            var faults = FakePlatform.Faults()
+            faults.gatewayErrorsAfterSend = 1
+            s.platform.faults = faults
+            let user = "oGateway"
+            try await running([w]) {
+                try await s.push("text", "帮助", from: user)
+                try await s.push("text", "菜单", from: user)
+                _ = await s.platform.waitForMessages(touser: user, count: 2)
+                try await eventually("both messages are settled") { metric(w, #"wechat_worker_messages_total{outcome="replied"} "#) >= 1 && metric(w, #"wechat_worker_messages_total{outcome="uncertain"} "#) >= 1 }
+            }
+            let replies = s.platform.messages(touser: user).map { $0.content ?? "" }
+            #expect(replies == [help, "功能列表\n1 我的消息数\n2 退出菜单"])
+            #expect(metric(w, #"wechat_worker_messages_total{outcome="uncertain"} "#) == 1)
+            s.platform.faults = FakePlatform.Faults()
+        }
+    }
+
     /// A real `wechat-worker` is paused (SIGSTOP) past the broker's heartbeat with a send in
     /// flight and the user's next messages in hand; another worker stands by and takes over;
     /// then the paused one is resumed (SIGCONT). Every message is answered once and in order:
