@@ -38,6 +38,14 @@ struct Run: AsyncParsableCommand {
             let configuration = try WorkerConfiguration(env)
             let logger = RelayBootstrap.logger("wechat-worker", appID: configuration.appID)
             let metrics = WorkerMetrics(registry: RelayBootstrap.metrics())
+            // A send may start while the claim is younger than half its lease and take the 5 s
+            // send timeout: at 10 s or less the claim can lapse with the request in flight, and
+            // another worker would then find the message uncertain.
+            if configuration.claimLease <= 10 {
+                logger.warning(
+                    "WORKER_CLAIM_LEASE is 10 s or less: a claim can lapse while its send is in flight (keep it well above twice the 5 s send timeout)",
+                    metadata: ["worker.claim_lease": "\(configuration.claimLease)"])
+            }
             let http = makeWorkerHTTPClient()
             let app = try buildWorker(configuration: configuration, metrics: metrics, logger: logger, http: http)
             logger.info(
