@@ -16,7 +16,7 @@ public enum RelayBootstrap {
                 variable: "LOG_LEVEL", reason: "must be one of trace, debug, info, notice, warning, error, critical; got '\(text)'")
         }
         LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
+            var h = RelayLogHandler(label: label)
             h.logLevel = level
             return h
         }
@@ -44,6 +44,41 @@ public enum RelayBootstrap {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         return registry
+    }
+}
+
+/// swift-log's `StreamLogHandler` on stderr, except that metadata is formatted when a line is
+/// written, not whenever it is set.
+///
+/// `StreamLogHandler` formats all of a logger's metadata every time one key is set, and
+/// Hummingbird sets a request id on a logger for every request: about 3 % of the ingress's CPU
+/// per request (BENCHMARKS.md, ingress profile) went into formatting metadata for lines that,
+/// at the usual levels, are never written.
+public struct RelayLogHandler: LogHandler {
+    private var stream: StreamLogHandler
+    public var metadata: Logger.Metadata = [:]
+
+    public init(label: String) { stream = StreamLogHandler.standardError(label: label) }
+
+    public var logLevel: Logger.Level {
+        get { stream.logLevel }
+        set { stream.logLevel = newValue }
+    }
+
+    public var metadataProvider: Logger.MetadataProvider? {
+        get { stream.metadataProvider }
+        set { stream.metadataProvider = newValue }
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var line = stream
+        line.metadata = metadata  // formatted here: only for a line that is written
+        line.log(event: event)
     }
 }
 
