@@ -48,9 +48,14 @@ public final class RedisPool: Sendable, RedisCommands {
         self.shared = (0..<shared).map { _ in RedisConnection(configuration: configuration) }
     }
 
+    /// A pool dropped without ``close()`` still ends its connections' threads.
+    deinit { close() }
+
     /// Borrows a connection for the duration of `body`.
     ///
-    /// - Important: Do not keep the connection past the closure.
+    /// - Important: Do not keep the connection past the closure. The connection reconnects
+    ///   by itself if it broke (or Redis closed it while idle), so connection state such as
+    ///   `WATCH` does not survive a failure between two commands: check `EXEC`'s answer.
     public func withConnection<T: Sendable>(_ body: (RedisConnection) async throws -> T) async throws -> T {
         let connection = try await lease()
         do {

@@ -460,7 +460,9 @@ public final class Worker: Sendable {
             return .done
         }
         if isPaused {
-            if let p = preclaimed, p.claim == .claimed || p.claim == .uncertain { try await store.releaseClaim(message, worker: id) }
+            // Only a clean claim is given back: one taken over from a sender that stopped
+            // ("uncertain") stays, so that a replay still finds the send uncertain.
+            if preclaimed?.claim == .claimed { try await store.releaseClaim(message, worker: id) }
             await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
             return .done
         }

@@ -16,8 +16,8 @@ final class Mailbox: Sendable {
         var finished = false
         /// Set by ``requestClose()``; a set-up that begins after it is refused.
         var closeRequested = false
-        /// The socket of a connection being set up (login, channels, declarations), while its
-        /// blocking calls run; -1 otherwise.
+        /// A duplicate of the socket of a connection being set up (login, channels,
+        /// declarations), while its blocking calls run; -1 otherwise.
         var settingUp: Int32 = -1
     }
 
@@ -101,24 +101,31 @@ final class Mailbox: Sendable {
 
     // A set-up is a series of blocking calls, each bounded by the RPC timeout (30 s by
     // default): a close would wait behind all of them before the thread could read it. The
-    // thread lends out the socket while it sets up, so that a close can `shutdown(2)` it: the
-    // blocked call returns with an error at once, and the thread then reads the close. The
-    // socket is only shut down under the lock, and the thread takes it back under the lock
-    // before closing it, so a descriptor number reused elsewhere is never touched. Only the
-    // kernel socket is touched from the other thread, never librabbitmq's state.
+    // thread lends out a duplicate of the socket's descriptor (`dup(2)`) while it sets up, so
+    // that a close can `shutdown(2)` the socket: the blocked call returns with an error at
+    // once, and the thread then reads the close. A duplicate, because librabbitmq closes its
+    // own descriptor by itself on an RPC timeout: the duplicate keeps the number from being
+    // reused by anything else until the thread closes it (under the lock) when it takes the
+    // socket back. Only the kernel socket is touched from the other thread, never
+    // librabbitmq's state.
 
     /// Lends out the socket of a connection about to be set up; `false` if a close was
     /// already asked for (then the set-up is not to begin).
     func beginSetUp(socket: Int32) -> Bool {
         state.withLock { s in
             guard !s.closeRequested else { return false }
-            s.settingUp = socket
+            s.settingUp = socket >= 0 ? dup(socket) : -1
             return true
         }
     }
 
     /// Takes the socket back (before the connection uses it as its own or closes it).
-    func endSetUp() { state.withLock { $0.settingUp = -1 } }
+    func endSetUp() {
+        state.withLock { s in
+            if s.settingUp >= 0 { _ = Glibc.close(s.settingUp) }
+            s.settingUp = -1
+        }
+    }
 
     /// A close was asked for: a set-up in progress is cut short.
     func requestClose() {
