@@ -76,12 +76,10 @@ public struct ReplyRules: Sendable {
     /// A customer-service message: `{text: "…"}` or `{msgtype: T, T: {…}}` as in the API.
     public struct Reply: Sendable, Decodable {
         /// The JSON object of the API, without `touser` (templated per message).
-        var object: [String: JSONValue] {
-            didSet { fixed = Self.fixedMessage(object) }
-        }
+        let object: [String: JSONValue]
         /// The message, built once, when the reply has no `{{…}}` to fill (most replies):
         /// only `touser` then differs per message.
-        private var fixed: CustomerServiceMessage?
+        private let fixed: CustomerServiceMessage?
 
         private static func fixedMessage(_ object: [String: JSONValue]) -> CustomerServiceMessage? {
             var placeholders = false

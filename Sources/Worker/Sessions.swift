@@ -267,20 +267,28 @@ public struct SessionStore: Sendable {
     public func commitAndClaim(
         _ decision: ReplyRules.Decision, for m: InboundMessage, worker: String, fence: Fence, lease: Duration
     ) async throws -> (ReplyRules.Decision, Claim) {
-        let json = String(decoding: try JSONEncoder().encode(decision), as: UTF8.self)
+        let (json, args) = try Self.commitArguments(decision)
         let reply = try await redis.eval(
             Self.commitAndClaimScript, keys: [recordKey(m), sessionKey(m.fromUserName), fence.key],
-            arguments: [
-                .init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? ""), .init(worker), .init(fence.token),
-                .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL),
-            ])
+            arguments: args + [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
         let parts = reply.array ?? []
         let claim = try Self.claimAnswer(parts)
-        guard parts.count == 3, let text = parts[2].text else {
-            throw RedisError(.protocolError, "unexpected answer from the commit-and-claim script")
-        }
-        if text == json { return (decision, claim) }
-        return ((try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8))) ?? decision, claim)
+        guard parts.count == 3 else { throw RedisError(.protocolError, "unexpected answer from the commit-and-claim script") }
+        return (Self.stored(parts[2], ours: decision, json: json), claim)
+    }
+
+    /// The commit scripts' arguments for `decision`: its JSON, whether it sets the state, the state.
+    private static func commitArguments(_ decision: ReplyRules.Decision) throws -> (json: String, [RedisArgument]) {
+        let json = String(decoding: try JSONEncoder().encode(decision), as: UTF8.self)
+        return (json, [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? "")])
+    }
+
+    /// The decision a commit script stored: ours (not decoded again) unless another worker's came first.
+    private static func stored(_ reply: RedisReply, ours: ReplyRules.Decision, json: String) -> ReplyRules.Decision {
+        guard let text = reply.text, text != json,
+            let theirs = try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8))
+        else { return ours }
+        return theirs
     }
 
     private static func claimAnswer(_ parts: [RedisReply]) throws -> Claim {
@@ -315,16 +323,9 @@ public struct SessionStore: Sendable {
 
     /// Stores the decision (first writer wins) and applies its state change; returns the stored decision.
     public func commit(_ decision: ReplyRules.Decision, for m: InboundMessage) async throws -> ReplyRules.Decision {
-        let json = String(decoding: try JSONEncoder().encode(decision), as: UTF8.self)
-        let stored = try await redis.eval(
-            Self.commitScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
-            arguments: [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? "")])
-        guard let text = stored.text, text != json,
-            let d = try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(text.utf8))
-        else {
-            return decision
-        }
-        return d
+        let (json, args) = try Self.commitArguments(decision)
+        let reply = try await redis.eval(Self.commitScript, keys: [recordKey(m), sessionKey(m.fromUserName)], arguments: args)
+        return Self.stored(reply, ours: decision, json: json)
     }
 
     /// Marks the message finished; `sent` counts a customer-service message against the window's quota.

@@ -112,6 +112,33 @@ struct DeliveryGuaranteeTests {
         }
     }
 
+    /// Commit and commit-and-claim: the first decision stored wins, whichever script stored it,
+    /// and commit-and-claim claims as the claim script does (also when it loses the commit).
+    @Test func theFirstCommittedDecisionWinsInBothScripts() async throws {
+        let redis = RedisPool(configuration: try RedisConfiguration(url: TestServices.redisURL()), size: 2, logger: workerLogger)
+        defer { redis.close() }
+        let store = SessionStore(redis: redis, appID: "wxd\(UInt32.random(in: 0 ... .max))", prefix: TestServices.unique("commit"))
+        let fence = try await store.takeFence(shard: 1)
+        let first = ReplyRules.Decision(reply: CustomerServiceMessage(toUser: "oCommit", content: .text(content: "first")), setState: "menu")
+        let second = ReplyRules.Decision(reply: CustomerServiceMessage(toUser: "oCommit", content: .text(content: "second")), setState: nil)
+        // commit first, then commit-and-claim: the claim is taken, the first decision returned.
+        let m = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "1", eventKey: nil, from: "oCommit", to: "gh", msgID: 7))
+        _ = try await store.observe(m, now: 1, fence: fence)
+        #expect(try await store.commit(first, for: m) == first)
+        let (stored, claim) = try await store.commitAndClaim(second, for: m, worker: "a", fence: fence, lease: .seconds(30))
+        #expect(stored == first && claim == .claimed)
+        #expect(try await store.session("oCommit").state == "menu")
+        // commit-and-claim first, then commit: the first decision stays; a second claimant waits.
+        let n = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "2", eventKey: nil, from: "oCommit", to: "gh", msgID: 8))
+        _ = try await store.observe(n, now: 2, fence: fence)
+        #expect(try await store.commitAndClaim(first, for: n, worker: "a", fence: fence, lease: .seconds(30)) == (first, .claimed))
+        #expect(try await store.commit(second, for: n) == first)
+        guard case .busy = try await store.commitAndClaim(second, for: n, worker: "b", fence: fence, lease: .seconds(30)).1 else {
+            Issue.record("a second claimant must wait")
+            return
+        }
+    }
+
     /// The claim and the fence in Redis: one claimant at a time, a lease that runs out into
     /// "uncertain", a released claim that does not, a finished message, a raised fence.
     @Test func claimsAndFences() async throws {

@@ -33,7 +33,6 @@ struct FlatJSONTests {
     ])
     func refusesAnythingElse(text: String) {
         #expect(FlatJSON.stringArray(Array(text.utf8)) == nil)
-        // Where JSONDecoder reads it after all, the caller's fallback gives the same strings.
     }
 
     @Test func refusesInvalidUTF8() {
