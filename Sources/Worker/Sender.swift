@@ -46,7 +46,7 @@ public struct Sender: Sendable {
     public func send(_ message: CustomerServiceMessage, stillOurs: @Sendable () -> Bool = { true }) async -> SendOutcome {
         let body: [UInt8]
         do {
-            body = try WeChatJSON.encode(message)
+            body = try message.jsonBody()
         } catch {
             return .permanent(-2, "cannot encode the message: \(error)")
         }

@@ -279,7 +279,7 @@ public struct SessionStore: Sendable {
 
     /// The commit scripts' arguments for `decision`: its JSON, whether it sets the state, the state.
     private static func commitArguments(_ decision: ReplyRules.Decision) throws -> (json: String, [RedisArgument]) {
-        let json = String(decoding: try JSONEncoder().encode(decision), as: UTF8.self)
+        let json = String(decoding: try WeChatJSON.decisionRecord(reply: decision.reply, setState: decision.setState), as: UTF8.self)
         return (json, [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? "")])
     }
 

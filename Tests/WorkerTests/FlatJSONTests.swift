@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import WeChat
 
 @testable import Worker
 
@@ -37,5 +38,22 @@ struct FlatJSONTests {
 
     @Test func refusesInvalidUTF8() {
         #expect(FlatJSON.stringArray([UInt8(ascii: "["), UInt8(ascii: "\""), 0xFF, UInt8(ascii: "\""), UInt8(ascii: "]")]) == nil)
+    }
+}
+
+/// A stored decision written by hand is what `JSONEncoder` writes for it, and reads back.
+@Suite("Decision record JSON")
+struct DecisionRecordJSONTests {
+    @Test(arguments: [nil, "text \"中\" /\n\u{1}", "a/b"] as [String?], [nil, "", "state/1"] as [String?])
+    func theRecordIsWhatJSONEncoderWrites(text: String?, state: String?) throws {
+        let decision = ReplyRules.Decision(reply: text.map { CustomerServiceMessage.text(to: "o/\u{2028}", $0) }, setState: state)
+        let fast = try WeChatJSON.decisionRecord(reply: decision.reply, setState: decision.setState)
+        #expect(fast == (try WeChatJSON.encode(decision)))
+        #expect(try JSONDecoder().decode(ReplyRules.Decision.self, from: Data(fast)) == decision)
+    }
+
+    @Test func aNonTextReplyIsEncodedToo() throws {
+        let decision = ReplyRules.Decision(reply: .init(toUser: "o1", content: .image(mediaID: "m")), setState: nil)
+        #expect(try WeChatJSON.decisionRecord(reply: decision.reply, setState: nil) == (try WeChatJSON.encode(decision)))
     }
 }
