@@ -115,6 +115,28 @@ extension RedisCommands {
         }
     }
 
+    /// Runs `script` as ``eval(_:keys:arguments:)`` does, then `WAIT replicas timeout` on the
+    /// same connection in the same round trip. Returns the script's reply and how many replicas
+    /// acknowledged it; since replication is one ordered stream, an acknowledgement also covers
+    /// every write the primary executed before it, whichever connection sent it.
+    public func eval(
+        _ script: RedisScript, keys: [String] = [], arguments: [RedisArgument] = [], replicas: Int, timeout: Duration
+    ) async throws -> (reply: RedisReply, acknowledged: Int) {
+        let rest: [RedisArgument] = [.init(keys.count)] + keys.map { RedisArgument($0) } + arguments
+        let (seconds, attoseconds) = timeout.components
+        let wait: [RedisArgument] = ["WAIT", .init(replicas), .init(max(1, seconds * 1000 + attoseconds / 1_000_000_000_000_000))]
+        var replies = try await pipeline([["EVALSHA", .init(script.sha1)] + rest, wait])
+        if case .error(let message) = replies[0], message.hasPrefix("NOSCRIPT") {
+            replies = try await pipeline([["EVAL", .init(script.source)] + rest, wait])
+        }
+        guard replies.count == 2 else { throw RedisError(.protocolError, "expected two replies to a script and WAIT") }
+        let reply = try replies[0].orThrow()
+        guard case .integer(let acknowledged) = try replies[1].orThrow() else {
+            throw RedisError(.protocolError, "expected an integer reply to WAIT")
+        }
+        return (reply, Int(acknowledged))
+    }
+
     private func integer(_ args: [RedisArgument]) async throws -> Int {
         let reply = try await send(args)
         guard case .integer(let n) = reply else {

@@ -21,6 +21,13 @@ import Synchronization
 /// shows the server closed it (a restart) is replaced first, since nothing was sent on it yet.
 /// Blocking commands (`BLPOP`, …) hold every caller behind them: give them a connection of
 /// their own (``RedisPool/withConnection(_:)``).
+///
+/// Under Sentinel (``RedisConfiguration/Endpoint/sentinel(sentinels:master:)``) every connect
+/// asks the sentinels, in turn, for the current primary and checks with `ROLE` that the
+/// server it reached is a primary, so a connection is never opened to a replica. A `READONLY`
+/// answer (the server was demoted since) and a lost connection both drop the connection:
+/// the next round trip asks the sentinels again. Writes on a demoted server fail (`READONLY`,
+/// retriable), they are never accepted by a replica.
 public final class RedisConnection: @unchecked Sendable {
     public let configuration: RedisConfiguration
 
@@ -170,17 +177,23 @@ public final class RedisConnection: @unchecked Sendable {
         while done == 0 {
             if redisBufferWrite(ctx, &done) != REDIS_OK { return fail(jobs[...], ctx) }
         }
+        var demoted = false
         for (i, job) in jobs.enumerated() {
             var replies: [RedisReply] = []
             replies.reserveCapacity(job.commands.count)
             for _ in job.commands {
                 var raw: UnsafeMutableRawPointer?
                 guard redisGetReply(ctx, &raw) == REDIS_OK, let raw else { return fail(jobs[i...], ctx) }
-                replies.append(Self.convert(raw.assumingMemoryBound(to: redisReply.self)))
+                let reply = Self.convert(raw.assumingMemoryBound(to: redisReply.self))
+                if case .error(let message) = reply, message.hasPrefix("READONLY") { demoted = true }
+                replies.append(reply)
                 freeReplyObject(raw)
             }
             job.continuation.resume(returning: replies)
         }
+        // The server is a replica now (a failover demoted it): the next round trip connects
+        // again, through the sentinels when there are some.
+        if demoted { disconnect() }
     }
 
     /// The round trip failed: its commands' effect is unknown. The context is dropped (the
@@ -212,6 +225,10 @@ public final class RedisConnection: @unchecked Sendable {
         case .unix(let path):
             target = path
             opened = redisConnectUnixWithTimeout(path, connectTimeout)
+        case .sentinel(let sentinels, let master):
+            let primary = try Self.askSentinels(sentinels, master: master, configuration: c)
+            target = "\(primary) (primary of \(master))"
+            opened = redisConnectWithTimeout(primary.host, Int32(primary.port), connectTimeout)
         }
         guard let ctx = opened else { throw RedisError(.connectionFailed, "cannot allocate a hiredis context") }
         if ctx.pointee.err != 0 {
@@ -233,6 +250,13 @@ public final class RedisConnection: @unchecked Sendable {
             if c.database != 0, case .error(let message) = try Self.command(ctx, ["SELECT", RedisArgument(c.database)], configuration: c) {
                 throw RedisError(.serverError, "SELECT \(c.database) failed: \(message)")
             }
+            if case .sentinel = c.endpoint {
+                // The sentinels may lag behind a failover: never keep a connection to a replica.
+                let role = try Self.command(ctx, ["ROLE"], configuration: c)
+                guard role.array?.first?.text == "master" else {
+                    throw RedisError(.connectionFailed, "\(target) is not a primary (ROLE: \(role.array?.first?.text ?? "?")); asking the sentinels again")
+                }
+            }
         } catch {
             redisFree(ctx)
             throw error
@@ -241,6 +265,38 @@ public final class RedisConnection: @unchecked Sendable {
         broken.store(false, ordering: .releasing)
         connected.store(true, ordering: .releasing)
         return ctx
+    }
+
+    /// The primary's address from the first sentinel that knows it (each asked with the
+    /// connect timeout; a sentinel that is down or does not know `master` is skipped).
+    private static func askSentinels(
+        _ sentinels: [RedisConfiguration.HostAndPort], master: String, configuration c: RedisConfiguration
+    ) throws -> RedisConfiguration.HostAndPort {
+        var why: [String] = []
+        for sentinel in sentinels {
+            guard let ctx = redisConnectWithTimeout(sentinel.host, Int32(sentinel.port), timeval(c.connectTimeout)) else { continue }
+            defer { redisFree(ctx) }
+            if ctx.pointee.err != 0 {
+                why.append("\(sentinel): \(errorString(ctx))")
+                continue
+            }
+            _ = redisSetTimeout(ctx, timeval(c.connectTimeout))
+            do {
+                if let password = c.sentinelPassword, case .error(let m) = try command(ctx, ["AUTH", RedisArgument(password)], configuration: c) {
+                    why.append("\(sentinel): AUTH refused: \(m)")
+                    continue
+                }
+                let answer = try command(ctx, ["SENTINEL", "get-master-addr-by-name", RedisArgument(master)], configuration: c)
+                guard let parts = answer.array, parts.count == 2, let host = parts[0].text, let port = parts[1].text.flatMap({ Int($0) }) else {
+                    why.append("\(sentinel): does not know '\(master)' (\(answer))")
+                    continue
+                }
+                return RedisConfiguration.HostAndPort(host: host, port: port)
+            } catch {
+                why.append("\(sentinel): \(error)")
+            }
+        }
+        throw RedisError(.connectionFailed, "no sentinel named a primary for '\(master)': \(why.joined(separator: "; "))")
     }
 
     /// One command on a context being set up.

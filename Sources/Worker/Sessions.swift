@@ -255,7 +255,7 @@ public struct SessionStore: Sendable {
     /// without one past its lease is what makes a message uncertain.
     /// - Parameter lease: how long the claim holds others off: longer than one send can take.
     public func claim(_ m: InboundMessage, worker: String, fence: Fence, lease: Duration) async throws -> Claim {
-        let reply = try await redis.eval(
+        let reply = try await replicatedEval(
             Self.claimScript, keys: [recordKey(m), fence.key],
             arguments: [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
         return try Self.claimAnswer(reply.array ?? [])
@@ -268,7 +268,7 @@ public struct SessionStore: Sendable {
         _ decision: ReplyRules.Decision, for m: InboundMessage, worker: String, fence: Fence, lease: Duration
     ) async throws -> (ReplyRules.Decision, Claim) {
         let (json, args) = try Self.commitArguments(decision)
-        let reply = try await redis.eval(
+        let reply = try await replicatedEval(
             Self.commitAndClaimScript, keys: [recordKey(m), sessionKey(m.fromUserName), fence.key],
             arguments: args + [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
         let parts = reply.array ?? []
@@ -330,8 +330,27 @@ public struct SessionStore: Sendable {
 
     /// Marks the message finished; `sent` counts a customer-service message against the window's quota.
     public func markReplied(_ m: InboundMessage, sent: Bool) async throws {
-        _ = try await redis.eval(
+        _ = try await replicatedEval(
             Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName)], arguments: [sent ? "1" : "0", .init(finishedTTL)])
+    }
+
+    /// Runs a script whose loss in a failover could send a reply twice (a claim, before the
+    /// send; the finished mark, before the ack), and, when the Redis URL asks for replicas
+    /// (`wait_replicas`, 1 under Sentinel), waits until that many acknowledged it. Fewer in
+    /// time is a retriable error: the message waits like in any Redis outage (a claim not
+    /// replicated is not sent on; a finished mark not replicated is written again), so a
+    /// primary lost right after the write cannot take the only copy with it. Replication is
+    /// asynchronous otherwise: a failover can still lose what no `WAIT` covered (an observe
+    /// not yet followed by one), which a redelivery then observes again.
+    private func replicatedEval(_ script: RedisScript, keys: [String], arguments: [RedisArgument]) async throws -> RedisReply {
+        let replicas = redis.configuration.waitReplicas
+        guard replicas > 0 else { return try await redis.eval(script, keys: keys, arguments: arguments) }
+        let timeout = redis.configuration.waitTimeout
+        let (reply, acknowledged) = try await redis.eval(script, keys: keys, arguments: arguments, replicas: replicas, timeout: timeout)
+        guard acknowledged >= replicas else {
+            throw RedisError(.unavailable, "a write was acknowledged by \(acknowledged) of \(replicas) Redis replica(s) within \(timeout); waiting for replication")
+        }
+        return reply
     }
 
     /// The current session (for this repository's tests).

@@ -273,7 +273,10 @@ final class DevRun: Sendable {
         if ownBrokers {
             for broker in ["redis", "rabbitmq"] {
                 let text = try String(contentsOfFile: "\(directory)/services/\(broker)/pid", encoding: .utf8)
-                started[broker] = try #require(pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)))
+                guard let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+                    throw ServiceScriptError(message: "no process id in \(broker)/pid: \(text)")
+                }
+                started[broker] = pid
             }
         }
         return started

@@ -31,6 +31,29 @@ struct RedisConfigurationTests {
         #expect(try RedisConfiguration(url: "unix:/tmp/r.sock").endpoint == .unix(path: "/tmp/r.sock"))
     }
 
+    @Test func sentinelURLs() throws {
+        let c = try RedisConfiguration(url: "redis-sentinel://:p%40ss@s1:26380,s2,[::1]:26381/mymaster/2?wait_timeout=250")
+        #expect(c.endpoint == .sentinel(
+            sentinels: [.init(host: "s1", port: 26380), .init(host: "s2", port: 26379), .init(host: "::1", port: 26381)], master: "mymaster"))
+        #expect(c.password == "p@ss" && c.user == nil && c.database == 2)
+        #expect(c.waitReplicas == 1 && c.waitTimeout == .milliseconds(250), "Sentinel: the guarding writes wait for one replica by default")
+        #expect(c.redactedURL == "redis-sentinel://***@s1:26380,s2:26379,[::1]:26381/mymaster/2")
+        let d = try RedisConfiguration(url: "redis-sentinel://alice:pw@h/m?wait_replicas=0&sentinel_password=sp")
+        #expect(d.user == "alice" && d.password == "pw" && d.database == 0 && d.waitReplicas == 0 && d.sentinelPassword == "sp")
+        #expect(!d.redactedURL.contains("pw"))
+        #expect(try RedisConfiguration(url: "redis://h").waitReplicas == 0)
+        #expect(try RedisConfiguration(url: "redis://h?wait_replicas=2").waitReplicas == 2)
+    }
+
+    @Test(arguments: [
+        "redis-sentinel://", "redis-sentinel://h1,h2", "redis-sentinel://h1//0", "redis-sentinel://h1:x/m", "redis-sentinel://,h/m",
+        "redis-sentinel://h/m/x", "redis-sentinel://h/m/0/1", "redis-sentinel://h/m?wait_replicas=-1", "redis-sentinel://h/m?wait_timeout=5000",
+        "redis-sentinel://h:70000/m", "redis-sentinel://h:0/m",
+    ])
+    func badSentinelURLs(url: String) {
+        #expect { try RedisConfiguration(url: url) } throws: { ($0 as? RedisError)?.code == .invalidURL }
+    }
+
     @Test(arguments: ["", "localhost:6379", "http://h", "redis://", "redis://h/abc", "rediss://h", "unix:", "redis://h:0/"])
     func badURLs(url: String) {
         #expect { try RedisConfiguration(url: url) } throws: { ($0 as? RedisError)?.code == .invalidURL }
@@ -315,5 +338,65 @@ struct RedisRestartTests {
             #expect(try await redis.getString("after") == "restart")
             redis.close()
         }
+    }
+}
+
+/// #18: Redis with a replica under three sentinels (`ops/services start --sentinel`): the
+/// client finds the primary through the sentinels, follows both kinds of failover (a primary
+/// demoted while our connections are open; a primary that dies), and never writes to a replica.
+@Suite("Redis under Sentinel", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(4)))
+struct RedisSentinelTests {
+    @Test func followsThePrimaryThroughFailovers() async throws {
+        try await PrivateServices.with(sentinel: true) { services in
+            let redis = try testPool(size: 2, url: services.redisURL)
+            defer { redis.close() }
+            #expect(try await services.redisPrimary() == 1)
+            try await redis.set("before", to: "1")
+            // The guarding writes' WAIT: the replica acknowledges.
+            let set = RedisScript("return redis.call('SET', KEYS[1], ARGV[1])")
+            let (_, acknowledged) = try await redis.eval(set, keys: ["replicated"], arguments: ["yes"], replicas: 1, timeout: .seconds(1))
+            #expect(acknowledged == 1)
+
+            // 1. A graceful failover demotes the primary our connections are open to.
+            let sentinelPort = try #require(services.redisURL.split(separator: "//")[1].split(separator: ",").first?.split(separator: ":").last)
+            let sentinel = try testPool(size: 1, url: "redis://127.0.0.1:\(sentinelPort)/0")
+            defer { sentinel.close() }
+            #expect(try await sentinel.send(["SENTINEL", "FAILOVER", "mymaster"]) == .status("OK"))
+            try await eventually("the sentinels to promote instance 2", within: 60) { (try? await services.redisPrimary()) == 2 }
+            try await writesLand(redis, on: try services.redisPort(instance: 2), tag: "demoted")
+
+            // 2. The new primary dies: instance 1 (a replica now) is promoted back.
+            try await services.stopRedis(instance: 2)
+            try await eventually("the sentinels to promote instance 1 again", within: 60) { (try? await services.redisPrimary()) == 1 }
+            try await writesLand(redis, on: try services.redisPort(instance: 1), tag: "died")
+            let primary = try testPool(size: 1, url: "redis://127.0.0.1:\(try services.redisPort(instance: 1))/0")
+            defer { primary.close() }
+            #expect(try await primary.getString("before") == "1", "replicated before the failovers")
+            #expect(try await primary.getString("replicated") == "yes")
+
+            // With no replica left, a guarding write is not acknowledged (the caller must not go on).
+            let (_, none) = try await redis.eval(set, keys: ["alone"], arguments: ["x"], replicas: 1, timeout: .milliseconds(200))
+            #expect(none == 0)
+        }
+    }
+
+    /// Retries a write across the failover (as the worker retries a retriable Redis error) until
+    /// one is on `port`, the new primary. (Until the sentinels reconfigure the old primary, a
+    /// write can still succeed there and be lost in its resync: the writes that must survive a
+    /// failover wait for a replica, `WAIT`, see `aClaimNoReplicaAcknowledgedIsNotSentOn`.) Then 20
+    /// more must all succeed at once and be on the primary: the client stays with it.
+    private func writesLand(_ redis: RedisPool, on port: Int, tag: String) async throws {
+        let direct = try testPool(size: 1, url: "redis://127.0.0.1:\(port)/0")
+        defer { direct.close() }
+        var attempt = 0
+        try await eventually("a write to reach the new primary (\(tag))", within: 60) {
+            attempt += 1
+            guard (try? await redis.set("probe-\(tag)", to: "\(attempt)")) != nil else { return false }
+            return (try? await direct.getString("probe-\(tag)")) == "\(attempt)"
+        }
+        for i in 0..<20 { try await redis.set("\(tag)-\(i)", to: "\(i)") }
+        for i in 0..<20 { #expect(try await direct.getString("\(tag)-\(i)") == "\(i)") }
+        let role = try await direct.send(["ROLE"])
+        #expect(role.array?.first?.text == "master")
     }
 }

@@ -56,7 +56,10 @@ public final class PrivateServices: Sendable {
 
     /// - Parameter opsRabbitMQ: run RabbitMQ with ops/rabbitmq's configuration
     ///   and plugins (`ops/services start --ops-rabbitmq`).
-    public init(opsRabbitMQ: Bool = false) async throws {
+    /// - Parameter cluster: three RabbitMQ nodes in one cluster (`--cluster`); ``amqpURL`` lists them.
+    /// - Parameter sentinel: a Redis primary, a replica and three sentinels (`--sentinel`);
+    ///   ``redisURL`` is the `redis-sentinel://` form.
+    public init(opsRabbitMQ: Bool = false, cluster: Bool = false, sentinel: Bool = false) async throws {
         guard let script = TestServices.environment["WR_SERVICES"] else {
             throw MissingService(variable: "WR_SERVICES")
         }
@@ -68,6 +71,8 @@ public final class PrivateServices: Sendable {
             args.append("\(parent)/private-\(UInt32.random(in: 0 ... .max))")
         }
         if opsRabbitMQ { args.append("--ops-rabbitmq") }
+        if cluster { args.append("--cluster") }
+        if sentinel { args.append("--sentinel") }
         let out = try await runCommand(script, args)
         var vars: [String: String] = [:]
         for line in out.split(separator: "\n") where line.hasPrefix("export ") {
@@ -84,20 +89,41 @@ public final class PrivateServices: Sendable {
         prometheusURL = vars["RABBITMQ_PROMETHEUS_URL"]
     }
 
-    public func stopRabbitMQ() async throws { try await runCommand(script, ["rabbitmq-stop", directory]) }
-    public func startRabbitMQ() async throws { try await runCommand(script, ["rabbitmq-start", directory]) }
-    public func stopRedis() async throws { try await runCommand(script, ["redis-stop", directory]) }
-    public func startRedis() async throws { try await runCommand(script, ["redis-start", directory]) }
+    /// Stops RabbitMQ: node `node` (1…3) of a cluster, or every node.
+    public func stopRabbitMQ(node: Int? = nil) async throws { try await runCommand(script, ["rabbitmq-stop", directory] + (node.map { ["\($0)"] } ?? [])) }
+    /// Starts RabbitMQ again on the same ports and data: node `node`, or every node.
+    public func startRabbitMQ(node: Int? = nil) async throws { try await runCommand(script, ["rabbitmq-start", directory] + (node.map { ["\($0)"] } ?? [])) }
+    /// Stops Redis: instance `instance` (1 the first primary, 2 the replica) under Sentinel, or all of it.
+    public func stopRedis(instance: Int? = nil) async throws { try await runCommand(script, ["redis-stop", directory] + (instance.map { ["\($0)"] } ?? [])) }
+    /// Starts Redis again (an instance under Sentinel starts as the current primary's replica).
+    public func startRedis(instance: Int? = nil) async throws { try await runCommand(script, ["redis-start", directory] + (instance.map { ["\($0)"] } ?? [])) }
+    /// Under Sentinel: the instance the sentinels call primary now.
+    public func redisPrimary() async throws -> Int {
+        let out = try await runCommand(script, ["redis-primary", directory])
+        guard let n = Int(out.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw ServiceScriptError(message: "redis-primary printed \(out)") }
+        return n
+    }
+    /// The port of Redis instance `instance` (from the services' state file).
+    public func redisPort(instance: Int) throws -> Int {
+        let state = try String(contentsOfFile: directory + "/state", encoding: .utf8)
+        let name = instance == 1 ? "REDIS_PORT=" : "REDIS_PORT_\(instance)="
+        guard let line = state.split(separator: "\n").first(where: { $0.hasPrefix(name) }), let port = Int(line.dropFirst(name.count)) else {
+            throw ServiceScriptError(message: "no \(name) in \(directory)/state")
+        }
+        return port
+    }
     public func stopAll() async { _ = try? await runCommand(script, ["stop", directory]) }
     /// Runs `rabbitmqctl` against this broker (for example to raise a memory alarm).
     @discardableResult
-    public func rabbitmqctl(_ arguments: [String]) async throws -> String {
-        try await runCommand(script, ["rabbitmqctl", directory] + arguments)
+    public func rabbitmqctl(node: Int = 1, _ arguments: [String]) async throws -> String {
+        try await runCommand(script, ["rabbitmqctl", directory, "--node", "\(node)"] + arguments)
     }
 
     /// Starts private services, runs `body`, and stops them whether `body` throws or not.
-    public static func with<T>(opsRabbitMQ: Bool = false, _ body: (PrivateServices) async throws -> T) async throws -> T {
-        let services = try await PrivateServices(opsRabbitMQ: opsRabbitMQ)
+    public static func with<T>(
+        opsRabbitMQ: Bool = false, cluster: Bool = false, sentinel: Bool = false, _ body: (PrivateServices) async throws -> T
+    ) async throws -> T {
+        let services = try await PrivateServices(opsRabbitMQ: opsRabbitMQ, cluster: cluster, sentinel: sentinel)
         do {
             let result = try await body(services)
             await services.stopAll()
@@ -111,6 +137,7 @@ public final class PrivateServices: Sendable {
 
 public struct ServiceScriptError: Error, CustomStringConvertible {
     public let message: String
+    public init(message: String) { self.message = message }
     public var description: String { message }
 }
 

@@ -181,6 +181,34 @@ struct DeliveryGuaranteeTests {
         #expect(try await store.claim(m, worker: "e", fence: theirs, lease: .seconds(30)) == .finished)
     }
 
+    /// #18: under Sentinel, a claim counts only once a replica has it (`WAIT`): with the
+    /// replica stopped the claim is a retriable error (the worker waits as in a Redis outage
+    /// and sends nothing), so a failover right after it cannot lose the only copy and let
+    /// another worker send the reply a second time; the same for the finished mark. With the
+    /// replica back, the mark written again is acknowledged.
+    @Test func aClaimNoReplicaAcknowledgedIsNotSentOn() async throws {
+        try await PrivateServices.with(sentinel: true) { services in
+            var configuration = try RedisConfiguration(url: services.redisURL + "?wait_timeout=300")
+            configuration.commandTimeout = .seconds(5)
+            let redis = RedisPool(configuration: configuration, size: 2, logger: workerLogger)
+            defer { redis.close() }
+            let store = SessionStore(redis: redis, appID: "wxs\(UInt32.random(in: 0 ... .max))", prefix: TestServices.unique("wait"))
+            let m = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oWait", to: "gh", msgID: 9))
+            let fence = try await store.takeFence(shard: 1)
+            _ = try await store.observe(m, now: 1, fence: fence)
+            try await services.stopRedis(instance: 2)
+            await #expect { try await store.claim(m, worker: "a", fence: fence, lease: .seconds(30)) } throws: { error in
+                guard let e = error as? RedisError else { return false }
+                return e.isRetriable && e.message.contains("replica")
+            }
+            await #expect { try await store.markReplied(m, sent: true) } throws: { ($0 as? RedisError)?.isRetriable == true }
+            try await services.startRedis(instance: 2)
+            // The mark is written again until a replica acknowledges it (as the worker's markSent does).
+            try await eventually("the replica to be back in sync", within: 30) { (try? await store.markReplied(m, sent: true)) != nil }
+            #expect(try await store.claim(m, worker: "b", fence: fence, lease: .seconds(30)) == .finished)
+        }
+    }
+
     /// A gateway answers 502/504 after WeChat carried the send out: that send is uncertain,
     /// not a certain failure, so under `WORKER_UNCERTAIN_SEND=skip` it is not sent again (a 504
     /// was read as "not sent", and the retry sent the reply a second time).
