@@ -32,6 +32,26 @@ public enum ChaosFault: String, CaseIterable, Sendable, Codable {
     /// An ingress replica stops answering for 7 s (SIGSTOP): WeChat's pushes to it time out and
     /// are retried, and every try is published once it resumes (the workers drop the copies).
     case slowIngress = "slow-ingress"
+    /// Cluster only: the RabbitMQ node leading most shard queues stops for 10 s, then starts
+    /// again; the fault ends when every shard queue has all its members back in sync.
+    case stopLeaderNode = "stop-leader-node"
+    /// Cluster only: the RabbitMQ node the ingress replicas are connected to stops for 10 s
+    /// (they reconnect to another node), then starts and rejoins.
+    case stopIngressNode = "stop-ingress-node"
+    /// Sentinel only: the Redis primary is stopped; the sentinels promote the replica; the old
+    /// primary comes back as the new one's replica.
+    case redisFailover = "redis-failover"
+
+    /// Whether the fault applies to a stack of this shape.
+    public func applies(cluster: Bool, sentinel: Bool) -> Bool {
+        switch self {
+        case .stopLeaderNode, .stopIngressNode: return cluster
+        case .redisFailover: return sentinel
+        // A graceful restart of the one Redis; under Sentinel the failover takes its place.
+        case .restartRedis: return !sentinel
+        default: return true
+        }
+    }
 }
 
 /// What a chaos run does.
@@ -50,6 +70,18 @@ public struct ChaosSettings: Sendable {
     public var binaries: String
     /// The run's folder: logs, rules, the brokers' data.
     public var directory: String
+    /// Three RabbitMQ nodes in a cluster (`ops/services --cluster`).
+    public var cluster = false
+    /// Redis with a replica under three sentinels (`ops/services --sentinel`).
+    public var sentinel = false
+    /// Only these faults (each still once per round, in a seeded order); nil = every fault
+    /// that applies to the stack's shape.
+    public var faults: [ChaosFault]?
+
+    /// The faults of a round.
+    public var schedule: [ChaosFault] {
+        (faults ?? ChaosFault.allCases).filter { $0.applies(cluster: cluster, sentinel: sentinel) }
+    }
 
     public init(
         seed: UInt64, duration: Int, users: Int = 40, rate: Double = 20, workers: Int = 3, ingresses: Int = 2, rounds: Int = 1,
@@ -215,7 +247,7 @@ public final class ChaosRun: Sendable {
     private func exercise(_ stack: Stack) async throws -> ChaosReport {
         var rng = SplitMix64(seed: settings.seed)
         var schedule: [ChaosFault] = []
-        for _ in 0..<max(1, settings.rounds) { schedule += ChaosFault.allCases.shuffled(using: &rng) }
+        for _ in 0..<max(1, settings.rounds) { schedule += settings.schedule.shuffled(using: &rng) }
         let slot = Double(settings.duration) / Double(schedule.count + 1)
         progress("chaos: \(schedule.count) faults, one every \(String(format: "%.1f", slot)) s, after \(String(format: "%.1f", slot)) s of quiet")
         let pushers = stack.ingressURLs.map { url in Pusher(ingressURL: url, appID: appID, token: token, aesKey: nil, mode: .plaintext) }
@@ -309,9 +341,14 @@ public final class ChaosRun: Sendable {
             let victim = Int(rng.next() % UInt64(settings.workers))
             try await stack.pauseWorker(victim, for: .seconds(14))
         case .restartRabbitMQ:
+            // Every node of a cluster (started again together, as a stopped cluster must).
             try await stack.services(["rabbitmq-stop"])
             try await Task.sleep(for: .seconds(2))
             try await stack.services(["rabbitmq-start"])
+            if settings.cluster { try await stack.waitUntilQueuesInSync() }
+        case .stopLeaderNode: try await stack.stopNode(try await stack.nodeLeadingMostShards(), for: .seconds(10))
+        case .stopIngressNode: try await stack.stopNode(try await stack.nodeOfIngresses(), for: .seconds(10))
+        case .redisFailover: try await stack.redisFailover()
         case .restartRedis:
             try await stack.restartRedis()
         case .memoryAlarm:

@@ -36,8 +36,9 @@ final class Stack: Sendable {
 
     func start() async throws {
         let s = run.settings
+        let shape = (s.cluster ? ["--cluster"] : []) + (s.sentinel ? ["--sentinel"] : [])
         let out = try await run.host.shielded {
-            try await self.run.command(s.repository + "/ops/services", ["start", self.servicesDirectory], log: "services.log")
+            try await self.run.command(s.repository + "/ops/services", ["start", self.servicesDirectory] + shape, log: "services.log")
         }
         guard let (amqp, redis) = brokerURLs(fromServicesOutput: out) else {
             throw ChaosError(message: "ops/services start printed no AMQP_URL and REDIS_URL (\(logs)/services.log)")
@@ -127,10 +128,110 @@ final class Stack: Sendable {
 
     // MARK: - Faults
 
+    /// `ops/services ARGUMENTS[0] DIR ARGUMENTS[1...]` on the run's brokers.
     func services(_ arguments: [String]) async throws {
-        let args = arguments.first == "rabbitmqctl"
-            ? ["rabbitmqctl", servicesDirectory] + arguments.dropFirst() : arguments + [servicesDirectory]
+        let args = [arguments[0], servicesDirectory] + arguments.dropFirst()
         _ = try await run.command(run.settings.repository + "/ops/services", args, log: "services.log")
+    }
+
+    // MARK: - Cluster and Sentinel faults
+
+    /// The quorum queues of the run: the eight shard queues (the default shard count) and the dead letters.
+    private var shardQueues: [String] { (0..<8).map { "\(run.prefix).inbound.\($0)" } + ["\(run.prefix).dead.q"] }
+
+    /// `rabbitmqctl list_queues name leader members online` on `node`, for the shard queues.
+    private func shardQueueStates(askingNode node: Int) async throws -> [(name: String, leader: String, members: Int, online: Int)] {
+        let out = try await run.command(
+            run.settings.repository + "/ops/services",
+            ["rabbitmqctl", servicesDirectory, "--node", "\(node)", "list_queues", "-q", "--formatter", "json",
+             "name", "leader", "members", "online"], log: "services.log")
+        guard let data = out.data(using: .utf8),
+            let rows = try? JSONSerialization.jsonObject(with: data) as? [[String: Any]]
+        else { throw ChaosError(message: "cannot read rabbitmqctl list_queues: \(out.prefix(300))") }
+        let wanted = Set(shardQueues)
+        return rows.compactMap { row in
+            guard let name = row["name"] as? String, wanted.contains(name) else { return nil }
+            return (name, row["leader"] as? String ?? "", (row["members"] as? [Any])?.count ?? 0, (row["online"] as? [Any])?.count ?? 0)
+        }
+    }
+
+    /// The node (1…3) leading most shard queues.
+    func nodeLeadingMostShards() async throws -> Int {
+        let states = try await shardQueueStates(askingNode: 1)
+        let counts = Dictionary(grouping: states, by: \.leader).mapValues(\.count)
+        guard let leader = counts.max(by: { $0.value < $1.value })?.key else { throw ChaosError(message: "no shard queue has a leader") }
+        return try nodeNumber("RMQ_NODE_", leader)
+    }
+
+    /// The node (1…3) the first ingress replica's AMQP connection is on (by the node's AMQP port).
+    func nodeOfIngresses() async throws -> Int {
+        let out = try await run.command(
+            run.settings.repository + "/ops/services",
+            ["rabbitmqctl", servicesDirectory, "list_connections", "-q", "--formatter", "json", "port", "client_properties"], log: "services.log")
+        guard let data = out.data(using: .utf8), let rows = try? JSONSerialization.jsonObject(with: data) as? [[String: Any]] else {
+            throw ChaosError(message: "cannot read rabbitmqctl list_connections: \(out.prefix(300))")
+        }
+        for row in rows where "\(row["client_properties"] ?? "")".contains("wechat-ingress") {
+            if let port = row["port"] as? Int, let node = try? nodeNumber("AMQP_PORT_", "\(port)") { return node }
+        }
+        throw ChaosError(message: "no ingress connection found: \(out.prefix(300))")
+    }
+
+    /// Which node's `field` in the services' state file (`RMQ_NODE_<n>=…`, `AMQP_PORT_<n>=…`) is `value`.
+    private func nodeNumber(_ field: String, _ value: String) throws -> Int {
+        let state = try String(contentsOfFile: servicesDirectory + "/state", encoding: .utf8)
+        for line in state.split(separator: "\n") where line.hasPrefix(field) {
+            let kv = line.dropFirst(field.count).split(separator: "=")
+            if kv.count == 2, let n = Int(kv[0]), kv[1] == value { return n }
+        }
+        throw ChaosError(message: "\(value) is none of the cluster's nodes")
+    }
+
+    /// Stops RabbitMQ node `node`, waits, starts it again and waits until the shard queues
+    /// have every member back online.
+    func stopNode(_ node: Int, for pause: Duration) async throws {
+        run.progress("chaos: stopping RabbitMQ node \(node)")
+        try await services(["rabbitmq-stop", "\(node)"])
+        try await Task.sleep(for: pause)
+        try await services(["rabbitmq-start", "\(node)"])
+        try await waitUntilQueuesInSync()
+    }
+
+    /// Every shard queue has all three members online (a node that came back has caught up).
+    func waitUntilQueuesInSync() async throws {
+        let deadline = ContinuousClock.now + .seconds(90)
+        var last = ""
+        while ContinuousClock.now < deadline {
+            if let states = try? await shardQueueStates(askingNode: 1) {
+                last = states.map { "\($0.name): \($0.online)/\($0.members) online" }.joined(separator: ", ")
+                if states.count == shardQueues.count, states.allSatisfy({ $0.members == 3 && $0.online == 3 }) { return }
+            }
+            try await Task.sleep(for: .seconds(1))
+        }
+        throw ChaosError(message: "the shard queues did not get all three members back within 90 s: \(last)")
+    }
+
+    /// Stops the Redis primary; once the sentinels have promoted the replica, starts the old
+    /// primary again (as the new one's replica).
+    func redisFailover() async throws {
+        let primary = try await currentRedisPrimary()
+        run.progress("chaos: stopping the Redis primary (instance \(primary))")
+        try await services(["redis-stop", "\(primary)"])
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            if let now = try? await currentRedisPrimary(), now != primary { break }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+        guard let now = try? await currentRedisPrimary(), now != primary else {
+            throw ChaosError(message: "the sentinels did not promote the replica within 60 s")
+        }
+        try await services(["redis-start", "\(primary)"])
+    }
+
+    private func currentRedisPrimary() async throws -> Int {
+        let out = try await run.command(run.settings.repository + "/ops/services", ["redis-primary", servicesDirectory], log: "services.log")
+        guard let n = Int(out.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw ChaosError(message: "redis-primary printed \(out)") }
+        return n
     }
 
     /// `SHUTDOWN SAVE`, then the same data again (a restart with persistence).

@@ -202,18 +202,37 @@ public struct IngressHandler: Sendable {
             timestamp: UInt64(ms / 1000), appID: configuration.appID)
         let topology = configuration.topology
         let start = ContinuousClock.now
-        do {
-            try await amqp.publish(
-                AMQPMessage(body: inbound.xml, properties: properties), exchange: topology.inboundExchange,
-                routingKey: topology.routingKey(openID: m.fromUserName), confirmTimeout: configuration.confirmTimeout)
-            metrics.published(after: ContinuousClock.now - start)
-        } catch let e as AMQPError where e.code == .invalidMessage {
-            throw Rejection.badRequest("cannot be carried by AMQP: \(e.message)")
-        } catch let e as AMQPError {
-            throw Rejection(
-                status: .serviceUnavailable, outcome: .unavailable, reason: "not confirmed by RabbitMQ: \(e.message)")
+        let deadline = start + configuration.confirmTimeout
+        var pause = Duration.milliseconds(50)
+        while true {
+            do {
+                try await amqp.publish(
+                    AMQPMessage(body: inbound.xml, properties: properties), exchange: topology.inboundExchange,
+                    routingKey: topology.routingKey(openID: m.fromUserName), confirmTimeout: deadline - ContinuousClock.now)
+                metrics.published(after: ContinuousClock.now - start)
+                return
+            } catch let e as AMQPError where e.code == .invalidMessage {
+                throw Rejection.badRequest("cannot be carried by AMQP: \(e.message)")
+            } catch let e as AMQPError {
+                // Nothing has been answered yet, so a publish the broker did not accept is tried
+                // again while the deadline allows: a nack (a quorum queue electing a new leader
+                // after a node loss), no connection (reconnecting to another node), a confirm lost
+                // with its connection. A copy that did get in (the lost confirm) is a duplicate the
+                // workers drop, as they drop WeChat's own retries. Resource alarms and a full
+                // publish queue are answered at once: that is shedding load, not a fault to ride out.
+                guard Self.transient.contains(e.code), deadline - ContinuousClock.now > pause + .milliseconds(100) else {
+                    throw Rejection(
+                        status: .serviceUnavailable, outcome: .unavailable, reason: "not confirmed by RabbitMQ: \(e.message)")
+                }
+                metrics.republished.increment()
+                try await Task.sleep(for: pause)
+                pause = min(pause * 2, .milliseconds(500))
+            }
         }
     }
+
+    /// Publish failures tried again within the confirm deadline (see ``publish(_:signedQuery:receivedAt:)``).
+    static let transient: Set<AMQPError.Code> = [.nacked, .notConnected, .connectionLost, .channelClosed]
 
     private func reject(_ r: Rejection, _ request: Request) -> Response {
         metrics.count(r.outcome)

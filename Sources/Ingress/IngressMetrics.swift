@@ -16,6 +16,9 @@ public struct IngressMetrics: Sendable {
     private let publishLatency: CoreMetrics.Timer
     private let bodySizes: CoreMetrics.Recorder
     private let inFlight: CoreMetrics.Gauge
+    /// Publishes tried again within the confirm deadline (a nack, no connection, a lost confirm):
+    /// `wechat_ingress_publish_retries_total`.
+    let republished: CoreMetrics.Counter
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -29,6 +32,7 @@ public struct IngressMetrics: Sendable {
         publishLatency = CoreMetrics.Timer(label: "wechat_ingress_publish_seconds", factory: factory)
         bodySizes = CoreMetrics.Recorder(label: "wechat_ingress_body_bytes", dimensions: [], aggregate: true, factory: factory)
         inFlight = CoreMetrics.Gauge(label: "amqp_confirms_in_flight", factory: factory)
+        republished = CoreMetrics.Counter(label: "wechat_ingress_publish_retries_total", factory: factory)
     }
 
     func count(_ outcome: Outcome) { requests[outcome]?.increment() }

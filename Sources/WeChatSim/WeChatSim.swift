@@ -177,6 +177,9 @@ struct ChaosCommand: AsyncParsableCommand {
     @Option(help: "Pushes per second.") var rate: Double = 20
     @Option(help: "Worker processes.") var workers: Int = 3
     @Option(help: "Ingress replicas.") var ingresses: Int = 2
+    @Flag(help: "Three RabbitMQ nodes in a cluster (adds the faults stop-leader-node and stop-ingress-node).") var cluster = false
+    @Flag(help: "Redis with a replica under three sentinels (adds redis-failover, drops restart-redis).") var sentinel = false
+    @Option(help: "Only these faults (comma-separated names), each once per round.") var faults: String?
     @Option(help: "The repository (for ops/services).") var repo: String = FileManager.default.currentDirectoryPath
     @Option(help: "Where the executables are (default: next to this one).") var bin: String?
     @Option(help: "The run's folder (logs, brokers' data); default a new temporary one.") var dir: String?
@@ -185,9 +188,20 @@ struct ChaosCommand: AsyncParsableCommand {
     func run() async throws {
         let own = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().path
         let folder = dir ?? FileManager.default.temporaryDirectory.appendingPathComponent("wechatrelay-chaos-\(UUID().uuidString)").path
-        let settings = ChaosSettings(
+        var settings = ChaosSettings(
             seed: seed, duration: duration, users: users, rate: rate, workers: workers, ingresses: ingresses, rounds: rounds,
             repository: repo, binaries: bin ?? own, directory: folder)
+        settings.cluster = cluster
+        settings.sentinel = sentinel
+        if let faults {
+            settings.faults = try faults.split(separator: ",").map { name in
+                guard let fault = ChaosFault(rawValue: name.trimmingCharacters(in: .whitespaces)) else {
+                    throw ValidationError("unknown fault '\(name)'; known: \(ChaosFault.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                return fault
+            }
+        }
+        guard !settings.schedule.isEmpty else { throw ValidationError("none of the faults applies to this stack (see --cluster, --sentinel)") }
         let report = try await ChaosRun(settings: settings) { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }.run()
         print(report.table)
         if let json {

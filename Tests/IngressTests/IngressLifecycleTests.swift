@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import AMQP
 import Hummingbird
 import HummingbirdTesting
@@ -33,6 +34,63 @@ struct IngressLifecycleTests {
             }
             // The message confirmed before the outage survived the restart; the one after it is there too.
             #expect(try await f.queued() == 2)
+            await f.tearDown()
+        }
+    }
+
+    /// #18: three RabbitMQ nodes. The node the ingress is connected to, which also leads every
+    /// shard queue (they were declared through it), stops: the ingress reconnects to another
+    /// node, the queues elect new leaders (publishes are nacked meanwhile), and every push made
+    /// meanwhile is still answered 200 — the ingress tries a nacked or connectionless publish
+    /// again within its confirm deadline instead of answering 503 at once — and is queued.
+    /// The node comes back and rejoins; the queues have all three members again.
+    @Test func aClusterNodeLossIsRiddenOutWithinTheDeadline() async throws {
+        try await PrivateServices.with(cluster: true) { services in
+            let f = try await IngressFixture.make(extra: ["INGRESS_CONFIRM_TIMEOUT": "15"], amqpURL: services.amqpURL)
+            let xml = sampleMessages(openID: "oNode")[0].xml
+            let uri = "/wechat?\(query(openID: "oNode"))"
+            let stopped = Locked(false)
+            let collected = Locked<[UInt]>([])
+            try await f.app.test(.live) { client in
+                let url = "http://127.0.0.1:\(try #require(client.port))\(uri)"
+                // Four pushers, each one push at a time, from before the stop until ten pushes after it.
+                let all = try await withThrowingTaskGroup(of: [UInt].self) { group in
+                    for _ in 0..<4 {
+                        group.addTask {
+                            var statuses: [UInt] = []
+                            var after = 0
+                            while after < 10 {
+                                if stopped.withLock({ $0 }) { after += 1 }
+                                var request = HTTPClientRequest(url: url)
+                                request.method = .POST
+                                request.body = .bytes(ByteBuffer(string: xml))
+                                statuses.append(try await HTTPClient.shared.execute(request, timeout: .seconds(30)).status.code)
+                            }
+                            return statuses
+                        }
+                    }
+                    try await eventually("some pushes before the stop") { try await f.queued() >= 8 }
+                    try await services.stopRabbitMQ(node: 1)
+                    stopped.withLock { $0 = true }
+                    var all: [UInt] = []
+                    for try await statuses in group { all += statuses }
+                    return all
+                }
+                collected.withLock { $0 = all }
+                #expect(try await client.execute(uri: "/readyz", method: .get).status == .ok)
+            }
+            let answers = collected.withLock { $0 }
+            #expect(answers.count >= 48)
+            #expect(answers.allSatisfy { $0 == 200 }, "\(answers.filter { $0 != 200 }.count) of \(answers.count) pushes were not answered 200")
+            // Every push answered 200 is in a queue (a publish whose confirm was lost with the
+            // connection may be there twice: the workers drop such copies).
+            #expect(try await f.queued() >= answers.count)
+            try await services.startRabbitMQ(node: 1)
+            try await eventually("node 1 to rejoin and the shard queues to have all members online", within: 90) {
+                let out = (try? await services.rabbitmqctl(node: 2, ["list_queues", "-q", "--no-table-headers", "name", "members", "online"])) ?? ""
+                let rows = out.split(separator: "\n").filter { $0.contains(f.topology.prefix + ".inbound.") }
+                return rows.count == f.topology.shardCount && rows.allSatisfy { $0.components(separatedBy: "@localhost").count - 1 == 6 }
+            }
             await f.tearDown()
         }
     }
