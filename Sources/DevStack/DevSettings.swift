@@ -16,6 +16,9 @@ public struct DevSettings: Sendable {
     /// RabbitMQ and Redis to reuse (both `AMQP_URL` and `REDIS_URL` set); otherwise the stack
     /// starts its own and stops them at the end.
     public var reuse: (amqpURL: String, redisURL: String)?
+    /// `DEV_CLUSTER=1` (`ops/dev --cluster`): the brokers in their production shape, three
+    /// RabbitMQ nodes in a cluster and Redis with a replica under three sentinels.
+    public var cluster: Bool
     /// `LOG_LEVEL` for every process, default `info`.
     public var logLevel: String
     /// The environment the children inherit (the stack's own variables override it).
@@ -57,5 +60,11 @@ public struct DevSettings: Sendable {
             reuse = nil
         }
         logLevel = environment["LOG_LEVEL"].flatMap { $0.isEmpty ? nil : $0 } ?? "info"
+        switch environment["DEV_CLUSTER"] ?? "" {
+        case "", "0", "false": cluster = false
+        case "1", "true": cluster = true
+        case let other: throw Invalid(description: "DEV_CLUSTER must be 1 or 0, not '\(other)'")
+        }
+        if cluster, reuse != nil { throw Invalid(description: "DEV_CLUSTER starts brokers of its own: unset AMQP_URL and REDIS_URL, or DEV_CLUSTER") }
     }
 }

@@ -129,7 +129,9 @@ final class Supervisor: Sendable {
         // Not cut short by a stop: the script must finish writing the state and pid files
         // that `ops/services stop` reads, or a broker could be left running.
         let repository = settings.repository
-        let out = try await host.shielded { try await self.command(repository + "/ops/services", ["start", dir], log: "services.log") }
+        let shape = settings.cluster ? ["--cluster", "--sentinel"] : []
+        if settings.cluster { Console.say("starting three RabbitMQ nodes in a cluster and Redis with a replica under three sentinels") }
+        let out = try await host.shielded { try await self.command(repository + "/ops/services", ["start", dir] + shape, log: "services.log") }
         try Task.checkCancellation()
         guard let urls = brokerURLs(fromServicesOutput: out) else {
             throw Failure(description: "ops/services start printed no AMQP_URL and REDIS_URL (see \(logs)/services.log)")
@@ -228,8 +230,12 @@ final class Supervisor: Sendable {
     }
 
     /// A URL without its password.
-    private func redacted(_ url: String) -> String {
-        guard let at = url.firstIndex(of: "@"), let scheme = url.range(of: "://"), scheme.upperBound < at else { return url }
-        return String(url[..<scheme.upperBound]) + String(url[url.index(after: at)...])
+    /// The URL (or each of a comma-separated list) without its user and password.
+    private func redacted(_ urls: String) -> String {
+        urls.split(separator: ",", omittingEmptySubsequences: false).map { part in
+            let url = String(part)
+            guard let at = url.firstIndex(of: "@"), let scheme = url.range(of: "://"), scheme.upperBound < at else { return url }
+            return String(url[..<scheme.upperBound]) + String(url[url.index(after: at)...])
+        }.joined(separator: ",")
     }
 }
