@@ -275,7 +275,7 @@ let package = Package(
         .testTarget(
             name: "OpsTests",
             dependencies: [
-                "AMQP", "RelayCore", "RelayContract", "RelayAMQP", "Worker", "TestSupport", "DevStack",
+                "AMQP", "Redis", "RelayCore", "RelayContract", "RelayAMQP", "Worker", "TestSupport", "DevStack",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ]

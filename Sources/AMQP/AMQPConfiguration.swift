@@ -49,7 +49,10 @@ public struct AMQPConfiguration: Sendable {
     public var maxMessageSize: Int
 
     /// Parses an `amqp://` URL, or several separated by commas (a comma not followed by
-    /// another URL is part of the URL, for example of a password).
+    /// another URL is part of the URL, for example of a password). A later URL without a user
+    /// and password takes the first one's (`amqp://u:p@node1/%2F,amqp://node2/%2F`), so a
+    /// deployment can name the nodes without repeating the secret; one with other credentials
+    /// is refused.
     /// - Throws: ``AMQPError/Code/invalidURL`` naming what is wrong (never echoing the password).
     public init(url: String, connectionName: String? = nil) throws {
         // A list separator is a comma before another URL (`amqp://` after optional spaces);
@@ -67,7 +70,11 @@ public struct AMQPConfiguration: Sendable {
         try self.init(single: first, connectionName: connectionName)
         for (i, part) in parts.enumerated().dropFirst() {
             guard !part.isEmpty else { throw AMQPError(.invalidURL, "AMQP URL list has an empty entry (number \(i + 1))") }
-            let other = try AMQPConfiguration(single: part, connectionName: connectionName)
+            var other = try AMQPConfiguration(single: part, connectionName: connectionName)
+            if let schemeEnd = part.range(of: "://"), !part[schemeEnd.upperBound...].prefix(while: { $0 != "/" }).contains("@") {
+                other.user = user
+                other.password = password
+            }
             guard other.user == user, other.password == password, other.virtualHost == virtualHost else {
                 throw AMQPError(.invalidURL, "every URL in an AMQP URL list must have the same user, password and virtual host (number \(i + 1) differs)")
             }

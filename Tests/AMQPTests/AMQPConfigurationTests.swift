@@ -22,6 +22,15 @@ struct AMQPConfigurationTests {
     }
 
     /// RabbitMQ's URI query parameter `heartbeat` (seconds); other parameters are ignored.
+    /// Later nodes without credentials take the first URL's (docker-compose names the extra
+    /// nodes of its `cluster` profile that way, without repeating the password).
+    @Test func laterNodesWithoutCredentialsTakeTheFirstOnes() throws {
+        let c = try AMQPConfiguration(url: "amqp://a:p%2Cw@h1:5673/v,amqp://h2/v, amqp://h3:5674/v")
+        #expect(c.addresses.map { "\($0.host):\($0.port)" } == ["h1:5673", "h2:5672", "h3:5674"])
+        #expect(c.user == "a" && c.password == "p,w" && c.virtualHost == "v")
+        #expect(throws: AMQPError.self) { try AMQPConfiguration(url: "amqp://a:b@h1/v,amqp://h2/other") }
+    }
+
     @Test func heartbeatFromTheQuery() throws {
         #expect(try AMQPConfiguration(url: "amqp://h/v?heartbeat=5").heartbeat == .seconds(5))
         #expect(try AMQPConfiguration(url: "amqp://h/v?connection_timeout=10&heartbeat=0").heartbeat == .zero)

@@ -239,6 +239,7 @@ struct AMQPConnectionLossTests {
             try AMQPConfiguration(url: "amqp://a:b@h1/%2F,amqp://a:c@h2/%2F")
         }
         #expect(throws: AMQPError.self) { try AMQPConfiguration(url: "amqp://h1,") }
+        #expect(throws: AMQPError.self) { try AMQPConfiguration(url: "amqp://a:b@h1/%2F,amqp://guest:guest@h2/%2F") }
     }
 }
 

@@ -1,4 +1,6 @@
+import AMQP
 import Foundation
+import Redis
 import TestSupport
 import Testing
 import Yams
@@ -46,7 +48,11 @@ struct ComposeTests {
     @Test func servicesCommandsPortsAndVariablesMatchTheContract() async throws {
         let services = try await resolved().map("services")
         #expect(
-            Set(services.keys) == ["rabbitmq", "rabbitmq-topology", "redis", "tokend", "ingress", "worker", "nginx", "sim", "prometheus", "grafana"])
+            Set(services.keys) == [
+                "rabbitmq", "rabbitmq-topology", "redis", "tokend", "ingress", "worker", "nginx", "sim", "prometheus", "grafana",
+                // profile `cluster` (docker-compose 1.29 lists every profile's services)
+                "rabbitmq-2", "rabbitmq-3", "rabbitmq-cluster", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3",
+            ])
         let relay: [String: (executable: String, portVariable: String, probe: String)] = [
             "ingress": (Contract.ingress, "HTTP_PORT", "/readyz"),
             "worker": (Contract.worker, "METRICS_PORT", "/readyz"),
@@ -98,12 +104,49 @@ struct ComposeTests {
         }
     }
 
+    /// #18: `--profile cluster` with the cluster lines of .env.example uncommented: three
+    /// RabbitMQ nodes of a supported series (4.x), Redis with a replica and three sentinels,
+    /// and the relay's AMQP_URL and REDIS_URL naming them (parsed as the services parse them).
+    @Test func theClusterProfileAddsTheNodesAndPointsTheRelayAtThem() async throws {
+        let dir = try Repo.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let clusterLines = ["RABBITMQ_COOKIE", "RABBITMQ_MORE_NODES", "REDIS_KIND", "REDIS_HOSTS", "REDIS_DB"]
+        let env = try Repo.read(".env.example").split(separator: "\n", omittingEmptySubsequences: false).map { line in
+            clusterLines.contains { line.hasPrefix("#\($0)=") } ? String(line.dropFirst()) : String(line)
+        }
+        let path = dir.appendingPathComponent("env").path
+        try env.joined(separator: "\n").write(toFile: path, atomically: true, encoding: .utf8)
+        let text = try await compose(["--profile", "cluster", "config"], envFile: path)
+        let services = try #require(try Yams.load(yaml: text) as? [String: Any]).map("services")
+        for name in ["rabbitmq-2", "rabbitmq-3", "rabbitmq-cluster", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"] {
+            #expect(services.map(name).list("profiles").compactMap { $0 as? String } == ["cluster"], "\(name)")
+        }
+        for name in ["rabbitmq", "rabbitmq-2", "rabbitmq-3"] {
+            #expect(services.map(name).string("image")?.hasPrefix("rabbitmq:4.") == true, "\(name) runs a supported series")
+        }
+        for name in ["ingress", "worker"] {
+            let url = try #require(services.map(name).map("environment").string("AMQP_URL"))
+            let amqp = try AMQPConfiguration(url: url)
+            #expect(amqp.addresses.map(\.host) == ["rabbitmq", "rabbitmq-2", "rabbitmq-3"], "\(name): \(amqp.redactedURL)")
+        }
+        for name in ["worker", "tokend"] {
+            let url = try #require(services.map(name).map("environment").string("REDIS_URL"))
+            let redis = try RedisConfiguration(url: url)
+            #expect(redis.endpoint == .sentinel(sentinels: (1...3).map { .init(host: "sentinel-\($0)", port: 26379) }, master: "mymaster"), "\(name)")
+            #expect(redis.password != nil && redis.waitReplicas == 1)
+        }
+        #expect(Repo.exists("ops/rabbitmq/cluster.conf"))
+    }
+
     @Test func theExampleEnvironmentNamesOnlyKnownVariables() throws {
         let names = try Repo.read(".env.example").split(separator: "\n")
             .map { $0.trimmingCharacters(in: .whitespaces) }
             .filter { !$0.isEmpty && !$0.hasPrefix("#") }
             .compactMap { $0.split(separator: "=", maxSplits: 1).first.map(String.init) }
-        let composeOnly: Set<String> = ["RABBITMQ_USER", "RABBITMQ_PASSWORD", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"]
+        let composeOnly: Set<String> = [
+            "RABBITMQ_USER", "RABBITMQ_PASSWORD", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD",
+            "RABBITMQ_COOKIE", "RABBITMQ_MORE_NODES", "REDIS_KIND", "REDIS_HOSTS", "REDIS_DB",
+        ]
         for name in names {
             #expect(Contract.variables[name] != nil || composeOnly.contains(name), "\(name) in .env.example is unknown")
         }
