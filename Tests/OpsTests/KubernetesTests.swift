@@ -116,4 +116,17 @@ struct KubernetesTests {
         let items = volume.map("configMap").list("items").compactMap { $0 as? [String: Any] }
         #expect(items.first?.string("key") == "definitions.json")
     }
+
+    /// #18: the example three-node RabbitMQ for the Cluster Operator runs a supported series
+    /// and is not in the kustomization (it needs the operator's CRDs); the notes name both URLs.
+    @Test func theClusterNotesAndTheRabbitMQClusterExample() throws {
+        let cluster = try #require(try yamlDocuments("ops/k8s/cluster/rabbitmq-cluster.yaml").first)
+        #expect(cluster.string("kind") == "RabbitmqCluster")
+        #expect(cluster.map("spec").int("replicas") == 3)
+        #expect(cluster.map("spec").string("image")?.hasPrefix("rabbitmq:4.") == true)
+        let k = try #require(try yamlDocuments("ops/k8s/kustomization.yaml").first)
+        #expect(!k.list("resources").contains { "\($0)".contains("cluster") })
+        let notes = try Repo.read("ops/k8s/cluster.md")
+        #expect(notes.contains("redis-sentinel://") && notes.contains("AMQP_URL="))
+    }
 }
