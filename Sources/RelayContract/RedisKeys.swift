@@ -13,24 +13,24 @@ public struct WorkerKeys: Sendable, Hashable {
         self.appID = appID
     }
 
-    /// `{prefix}:{appid}:session:{openid}` (hash).
+    /// `<prefix>:<appid>:session:<openid>` (hash).
     public func session(_ openID: String) -> String { "\(prefix):\(appID):session:\(openID)" }
-    /// `{prefix}:{appid}:msg:{dedupID}` (hash): the per-message record.
+    /// `<prefix>:<appid>:msg:<dedupID>` (hash): the per-message record.
     public func record(_ dedupID: String) -> String { "\(prefix):\(appID):msg:\(dedupID)" }
-    /// `{prefix}:{appid}:query:{sha256(timestamp:nonce:signature)}` (string): the message that used a signed query.
+    /// `<prefix>:<appid>:query:<sha256(timestamp:nonce:signature)>` (string): the message that used a signed query.
     public func signedQuery(_ digest: String) -> String { "\(prefix):\(appID):query:\(digest)" }
-    /// `{prefix}:{appid}:workers` (sorted set): the live workers' heartbeats.
+    /// `<prefix>:<appid>:workers` (sorted set): the live workers' heartbeats.
     public var workers: String { "\(prefix):\(appID):workers" }
-    /// `{prefix}:{appid}:fence:{shard}` (integer): the shard's fencing token, raised by each
+    /// `<prefix>:<appid>:fence:<shard>` (integer): the shard's fencing token, raised by each
     /// worker that becomes the shard's active consumer; a worker holding an older token may
     /// neither change a session nor send.
     public func fence(_ shard: Int) -> String { "\(prefix):\(appID):fence:\(shard)" }
 }
 
 /// Where tokend keeps the shared credentials (documented in docs/tokend.md):
-/// - `wechat:{appid}:access_token` → `{"value": "…", "expires_at": …, "fetched_at": …}`
-/// - `wechat:{appid}:jsapi_ticket` → the same shape
-/// - `wechat:{appid}:refresh_lock:{kind}` → the replica refreshing now (SET NX PX)
+/// - `wechat:<appid>:access_token` → `{"value": "…", "expires_at": …, "fetched_at": …}`
+/// - `wechat:<appid>:jsapi_ticket` → the same shape
+/// - `wechat:<appid>:refresh_lock:<kind>` → the replica refreshing now (SET NX PX)
 public struct TokenKeys: Sendable, Hashable {
     public let appID: String
     public let prefix: String

@@ -8,7 +8,7 @@ import RelayContract
 
 /// Which shards each live worker consumes, agreed through Redis.
 ///
-/// Every worker writes a heartbeat into the sorted set `{prefix}:{appid}:workers`
+/// Every worker writes a heartbeat into the sorted set `<prefix>:<appid>:workers`
 /// every ``interval``; members silent for ``ttl`` are dropped. The heartbeat is one
 /// Lua script that takes the time from Redis (`TIME`), so the workers' own clocks
 /// never matter: with skewed clocks each worker used to drop the others' entries

@@ -51,7 +51,7 @@ struct ComposeTests {
             Set(services.keys) == [
                 "rabbitmq", "rabbitmq-topology", "redis", "tokend", "ingress", "worker", "nginx", "sim", "prometheus", "grafana",
                 // profile `cluster` (docker-compose 1.29 lists every profile's services)
-                "rabbitmq-2", "rabbitmq-3", "rabbitmq-cluster", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3",
+                "rabbitmq-2", "rabbitmq-3", "rabbitmq-cluster", "redis-replica", "redis-replica-2", "sentinel-1", "sentinel-2", "sentinel-3",
             ])
         let relay: [String: (executable: String, portVariable: String, probe: String)] = [
             "ingress": (Contract.ingress, "HTTP_PORT", "/readyz"),
@@ -118,7 +118,7 @@ struct ComposeTests {
         try env.joined(separator: "\n").write(toFile: path, atomically: true, encoding: .utf8)
         let text = try await compose(["--profile", "cluster", "config"], envFile: path)
         let services = try #require(try Yams.load(yaml: text) as? [String: Any]).map("services")
-        for name in ["rabbitmq-2", "rabbitmq-3", "rabbitmq-cluster", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"] {
+        for name in ["rabbitmq-2", "rabbitmq-3", "rabbitmq-cluster", "redis-replica", "redis-replica-2", "sentinel-1", "sentinel-2", "sentinel-3"] {
             #expect(services.map(name).list("profiles").compactMap { $0 as? String } == ["cluster"], "\(name)")
         }
         for name in ["rabbitmq", "rabbitmq-2", "rabbitmq-3"] {

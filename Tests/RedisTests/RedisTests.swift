@@ -341,7 +341,7 @@ struct RedisRestartTests {
     }
 }
 
-/// #18: Redis with a replica under three sentinels (`ops/services start --sentinel`): the
+/// #18: Redis with two replicas under three sentinels (`ops/services start --sentinel`): the
 /// client finds the primary through the sentinels, follows both kinds of failover (a primary
 /// demoted while our connections are open; a primary that dies), and never writes to a replica.
 @Suite("Redis under Sentinel", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(4)))
@@ -352,29 +352,38 @@ struct RedisSentinelTests {
             defer { redis.close() }
             #expect(try await services.redisPrimary() == 1)
             try await redis.set("before", to: "1")
-            // The guarding writes' WAIT: the replica acknowledges.
+            // The guarding writes' WAIT: both replicas acknowledge.
             let set = RedisScript("return redis.call('SET', KEYS[1], ARGV[1])")
-            let (_, acknowledged) = try await redis.eval(set, keys: ["replicated"], arguments: ["yes"], replicas: 1, timeout: .seconds(1))
-            #expect(acknowledged == 1)
+            let (_, acknowledged) = try await redis.eval(set, keys: ["replicated"], arguments: ["yes"], replicas: 2, timeout: .seconds(1))
+            #expect(acknowledged == 2)
 
             // 1. A graceful failover demotes the primary our connections are open to.
             let sentinelPort = try #require(services.redisURL.split(separator: "//")[1].split(separator: ",").first?.split(separator: ":").last)
             let sentinel = try testPool(size: 1, url: "redis://127.0.0.1:\(sentinelPort)/0")
             defer { sentinel.close() }
             #expect(try await sentinel.send(["SENTINEL", "FAILOVER", "mymaster"]) == .status("OK"))
-            try await eventually("the sentinels to promote instance 2", within: 60) { (try? await services.redisPrimary()) == 2 }
-            try await writesLand(redis, on: try services.redisPort(instance: 2), tag: "demoted")
+            var second = 1
+            try await eventually("the sentinels to promote a replica", within: 60) {
+                second = (try? await services.redisPrimary()) ?? 1
+                return second != 1
+            }
+            try await writesLand(redis, on: try services.redisPort(instance: second), tag: "demoted")
 
-            // 2. The new primary dies: instance 1 (a replica now) is promoted back.
-            try await services.stopRedis(instance: 2)
-            try await eventually("the sentinels to promote instance 1 again", within: 60) { (try? await services.redisPrimary()) == 1 }
-            try await writesLand(redis, on: try services.redisPort(instance: 1), tag: "died")
-            let primary = try testPool(size: 1, url: "redis://127.0.0.1:\(try services.redisPort(instance: 1))/0")
+            // 2. The new primary dies: another one is promoted.
+            try await services.stopRedis(instance: second)
+            var third = second
+            try await eventually("the sentinels to promote another", within: 60) {
+                third = (try? await services.redisPrimary()) ?? second
+                return third != second
+            }
+            try await writesLand(redis, on: try services.redisPort(instance: third), tag: "died")
+            let primary = try testPool(size: 1, url: "redis://127.0.0.1:\(try services.redisPort(instance: third))/0")
             defer { primary.close() }
             #expect(try await primary.getString("before") == "1", "replicated before the failovers")
             #expect(try await primary.getString("replicated") == "yes")
 
             // With no replica left, a guarding write is not acknowledged (the caller must not go on).
+            for other in 1...3 where other != third && other != second { try await services.stopRedis(instance: other) }
             let (_, none) = try await redis.eval(set, keys: ["alone"], arguments: ["x"], replicas: 1, timeout: .milliseconds(200))
             #expect(none == 0)
         }

@@ -57,7 +57,7 @@ public final class PrivateServices: Sendable {
     /// - Parameter opsRabbitMQ: run RabbitMQ with ops/rabbitmq's configuration
     ///   and plugins (`ops/services start --ops-rabbitmq`).
     /// - Parameter cluster: three RabbitMQ nodes in one cluster (`--cluster`); ``amqpURL`` lists them.
-    /// - Parameter sentinel: a Redis primary, a replica and three sentinels (`--sentinel`);
+    /// - Parameter sentinel: a Redis primary, two replicas and three sentinels (`--sentinel`);
     ///   ``redisURL`` is the `redis-sentinel://` form.
     public init(opsRabbitMQ: Bool = false, cluster: Bool = false, sentinel: Bool = false) async throws {
         guard let script = TestServices.environment["WR_SERVICES"] else {
@@ -93,7 +93,7 @@ public final class PrivateServices: Sendable {
     public func stopRabbitMQ(node: Int? = nil) async throws { try await runCommand(script, ["rabbitmq-stop", directory] + (node.map { ["\($0)"] } ?? [])) }
     /// Starts RabbitMQ again on the same ports and data: node `node`, or every node.
     public func startRabbitMQ(node: Int? = nil) async throws { try await runCommand(script, ["rabbitmq-start", directory] + (node.map { ["\($0)"] } ?? [])) }
-    /// Stops Redis: instance `instance` (1 the first primary, 2 the replica) under Sentinel, or all of it.
+    /// Stops Redis: instance `instance` (1 the first primary, 2 and 3 its replicas) under Sentinel, or all of it.
     public func stopRedis(instance: Int? = nil) async throws { try await runCommand(script, ["redis-stop", directory] + (instance.map { ["\($0)"] } ?? [])) }
     /// Starts Redis again (an instance under Sentinel starts as the current primary's replica).
     public func startRedis(instance: Int? = nil) async throws { try await runCommand(script, ["redis-start", directory] + (instance.map { ["\($0)"] } ?? [])) }

@@ -181,8 +181,8 @@ struct DeliveryGuaranteeTests {
         #expect(try await store.claim(m, worker: "e", fence: theirs, lease: .seconds(30)) == .finished)
     }
 
-    /// #18: under Sentinel, a claim counts only once a replica has it (`WAIT`): with the
-    /// replica stopped the claim is a retriable error (the worker waits as in a Redis outage
+    /// #18: under Sentinel, a claim counts only once a replica has it (`WAIT`): with both
+    /// replicas stopped the claim is a retriable error (the worker waits as in a Redis outage
     /// and sends nothing), so a failover right after it cannot lose the only copy and let
     /// another worker send the reply a second time; the same for the finished mark. With the
     /// replica back, the mark written again is acknowledged.
@@ -197,6 +197,7 @@ struct DeliveryGuaranteeTests {
             let fence = try await store.takeFence(shard: 1)
             _ = try await store.observe(m, now: 1, fence: fence)
             try await services.stopRedis(instance: 2)
+            try await services.stopRedis(instance: 3)
             await #expect { try await store.claim(m, worker: "a", fence: fence, lease: .seconds(30)) } throws: { error in
                 guard let e = error as? RedisError else { return false }
                 return e.isRetriable && e.message.contains("replica")
