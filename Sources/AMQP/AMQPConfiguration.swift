@@ -71,7 +71,8 @@ public struct AMQPConfiguration: Sendable {
         for (i, part) in parts.enumerated().dropFirst() {
             guard !part.isEmpty else { throw AMQPError(.invalidURL, "AMQP URL list has an empty entry (number \(i + 1))") }
             var other = try AMQPConfiguration(single: part, connectionName: connectionName)
-            if let schemeEnd = part.range(of: "://"), !part[schemeEnd.upperBound...].prefix(while: { $0 != "/" }).contains("@") {
+            // As the parser reads it: user information is whatever precedes the last `@`.
+            if let schemeEnd = part.range(of: "://"), !part[schemeEnd.upperBound...].contains("@") {
                 other.user = user
                 other.password = password
             }

@@ -72,7 +72,7 @@ public struct ChaosSettings: Sendable {
     public var directory: String
     /// Three RabbitMQ nodes in a cluster (`ops/services --cluster`).
     public var cluster = false
-    /// Redis with a replica under three sentinels (`ops/services --sentinel`).
+    /// Redis with two replicas under three sentinels (`ops/services --sentinel`).
     public var sentinel = false
     /// Only these faults (each still once per round, in a seeded order); nil = every fault
     /// that applies to the stack's shape.

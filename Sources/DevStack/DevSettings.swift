@@ -17,7 +17,7 @@ public struct DevSettings: Sendable {
     /// starts its own and stops them at the end.
     public var reuse: (amqpURL: String, redisURL: String)?
     /// `DEV_CLUSTER=1` (`ops/dev --cluster`): the brokers in their production shape, three
-    /// RabbitMQ nodes in a cluster and Redis with a replica under three sentinels.
+    /// RabbitMQ nodes in a cluster and Redis with two replicas under three sentinels.
     public var cluster: Bool
     /// `LOG_LEVEL` for every process, default `info`.
     public var logLevel: String

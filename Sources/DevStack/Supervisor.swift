@@ -130,7 +130,7 @@ final class Supervisor: Sendable {
         // that `ops/services stop` reads, or a broker could be left running.
         let repository = settings.repository
         let shape = settings.cluster ? ["--cluster", "--sentinel"] : []
-        if settings.cluster { Console.say("starting three RabbitMQ nodes in a cluster and Redis with a replica under three sentinels") }
+        if settings.cluster { Console.say("starting three RabbitMQ nodes in a cluster and Redis with two replicas under three sentinels") }
         let out = try await host.shielded { try await self.command(repository + "/ops/services", ["start", dir] + shape, log: "services.log") }
         try Task.checkCancellation()
         guard let urls = brokerURLs(fromServicesOutput: out) else {
@@ -230,11 +230,16 @@ final class Supervisor: Sendable {
     }
 
     /// A URL without its password.
-    /// The URL (or each of a comma-separated list) without its user and password.
+    /// The URL (or each of a list) without its user and password. A list is split where the
+    /// AMQP parser splits it (a comma before another `scheme://`), so a comma in a password
+    /// stays inside its URL; the user information ends at the URL's last `@`.
     private func redacted(_ urls: String) -> String {
-        urls.split(separator: ",", omittingEmptySubsequences: false).map { part in
-            let url = String(part)
-            guard let at = url.firstIndex(of: "@"), let scheme = url.range(of: "://"), scheme.upperBound < at else { return url }
+        var parts: [String] = []
+        for piece in urls.split(separator: ",", omittingEmptySubsequences: false) {
+            if parts.isEmpty || piece.contains("://") { parts.append(String(piece)) } else { parts[parts.count - 1] += "," + piece }
+        }
+        return parts.map { url in
+            guard let scheme = url.range(of: "://"), let at = url[scheme.upperBound...].lastIndex(of: "@") else { return url }
             return String(url[..<scheme.upperBound]) + String(url[url.index(after: at)...])
         }.joined(separator: ",")
     }

@@ -225,8 +225,17 @@ public struct IngressHandler: Sendable {
                         status: .serviceUnavailable, outcome: .unavailable, reason: "not confirmed by RabbitMQ: \(e.message)")
                 }
                 metrics.republished.increment()
-                try await Task.sleep(for: pause)
+                do {
+                    try await Task.sleep(for: pause)
+                } catch {
+                    throw Rejection(status: .serviceUnavailable, outcome: .unavailable, reason: "stopping: \(e.message)")
+                }
                 pause = min(pause * 2, .milliseconds(500))
+                // A publish needs time left for its confirm (a sleep can overrun).
+                guard deadline - ContinuousClock.now > .milliseconds(50) else {
+                    throw Rejection(
+                        status: .serviceUnavailable, outcome: .unavailable, reason: "not confirmed by RabbitMQ: \(e.message)")
+                }
             }
         }
     }

@@ -117,8 +117,10 @@ extension RedisCommands {
 
     /// Runs `script` as ``eval(_:keys:arguments:)`` does, then `WAIT replicas timeout` on the
     /// same connection in the same round trip. Returns the script's reply and how many replicas
-    /// acknowledged it; since replication is one ordered stream, an acknowledgement also covers
-    /// every write the primary executed before it, whichever connection sent it.
+    /// acknowledged it: `WAIT` waits for the replication offset of this connection's last write,
+    /// so the script must write (it then covers every write the primary executed before it,
+    /// whichever connection sent it). `WAIT` blocks its connection: ``RedisPool`` runs this on a
+    /// connection of its own.
     public func eval(
         _ script: RedisScript, keys: [String] = [], arguments: [RedisArgument] = [], replicas: Int, timeout: Duration
     ) async throws -> (reply: RedisReply, acknowledged: Int) {

@@ -102,7 +102,9 @@ public struct RedisConfiguration: Sendable {
         var rest = Substring(url.dropFirst("redis-sentinel://".count))
         var query: [String: String] = [:]
         if let q = rest.firstIndex(of: "?") {
-            let items = URLComponents(string: "x:?" + rest[rest.index(after: q)...])?.queryItems ?? []
+            guard let items = URLComponents(string: "x:?" + rest[rest.index(after: q)...])?.queryItems else {
+                throw RedisError(.invalidURL, "Redis Sentinel URL has an unreadable query")
+            }
             query = Dictionary(items.map { ($0.name, $0.value ?? "") }, uniquingKeysWith: { a, _ in a })
             rest = rest[..<q]
         }
@@ -114,11 +116,18 @@ public struct RedisConfiguration: Sendable {
         if let at = authority.lastIndex(of: "@") {
             let info = authority[..<at]
             authority = authority[authority.index(after: at)...]
+            func decoded(_ text: Substring) throws -> String {
+                guard let d = String(text).removingPercentEncoding else {
+                    throw RedisError(.invalidURL, "Redis Sentinel URL has a bad percent-escape in its user or password")
+                }
+                return d
+            }
             if let colon = info.firstIndex(of: ":") {
-                user = String(info[..<colon]).removingPercentEncoding.flatMap { $0.isEmpty ? nil : $0 }
-                password = String(info[info.index(after: colon)...]).removingPercentEncoding
+                let name = try decoded(info[..<colon])
+                user = name.isEmpty ? nil : name
+                password = try decoded(info[info.index(after: colon)...])
             } else {
-                password = String(info).removingPercentEncoding  // the default user's password, as redis-cli reads it
+                password = try decoded(info)  // the default user's password, as redis-cli reads it
             }
         }
         var sentinels: [HostAndPort] = []

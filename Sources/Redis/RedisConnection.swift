@@ -46,6 +46,7 @@ public final class RedisConnection: @unchecked Sendable {
     private let state = Mutex(State())
     private let wake = DispatchSemaphore(value: 0)
     private let broken = Atomic<Bool>(false)
+    private let reconnect = Atomic<Bool>(false)
     private let connected = Atomic<Bool>(false)
     /// Touched only on the connection's thread.
     private var context: UnsafeMutablePointer<redisContext>?
@@ -72,6 +73,10 @@ public final class RedisConnection: @unchecked Sendable {
     /// Whether the last round trip failed (I/O error, timeout) and left the connection
     /// unconnected; the next command connects again.
     public var isBroken: Bool { broken.load(ordering: .acquiring) }
+
+    /// Closes the socket before the next round trip, which connects again (under Sentinel:
+    /// asks the sentinels again).
+    public func reconnectBeforeNextUse() { reconnect.store(true, ordering: .releasing) }
 
     /// Whether a context is open right now.
     public var isConnected: Bool { connected.load(ordering: .acquiring) }
@@ -159,6 +164,7 @@ public final class RedisConnection: @unchecked Sendable {
     // MARK: - On the connection's thread
 
     private func roundTrip(_ jobs: [Job]) {
+        if reconnect.exchange(false, ordering: .acquiringAndReleasing) { disconnect() }
         if let ctx = context, Self.looksClosedByServer(ctx) { disconnect() }
         let ctx: UnsafeMutablePointer<redisContext>
         do {

@@ -76,6 +76,21 @@ public final class RedisPool: Sendable, RedisCommands {
         try await sharedConnection().pipeline(commands)
     }
 
+    /// As ``RedisCommands/eval(_:keys:arguments:replicas:timeout:)``, on a borrowed connection:
+    /// `WAIT` blocks the connection it runs on, which must not hold up the shared ones' other
+    /// callers. Fewer replicas than asked, under Sentinel, also makes that connection ask the
+    /// sentinels again before its next command (a primary the sentinels have given up on no
+    /// longer gets its replicas' acknowledgements).
+    public func eval(
+        _ script: RedisScript, keys: [String] = [], arguments: [RedisArgument] = [], replicas: Int, timeout: Duration
+    ) async throws -> (reply: RedisReply, acknowledged: Int) {
+        try await withConnection { connection in
+            let result = try await connection.eval(script, keys: keys, arguments: arguments, replicas: replicas, timeout: timeout)
+            if result.acknowledged < replicas, case .sentinel = configuration.endpoint { connection.reconnectBeforeNextUse() }
+            return result
+        }
+    }
+
     private func sharedConnection() throws -> RedisConnection {
         if state.withLock({ $0.closed }) { throw RedisError(.closed, "the Redis pool is closed") }
         let i = nextShared.wrappingAdd(1, ordering: .relaxed).oldValue

@@ -178,7 +178,7 @@ struct ChaosCommand: AsyncParsableCommand {
     @Option(help: "Worker processes.") var workers: Int = 3
     @Option(help: "Ingress replicas.") var ingresses: Int = 2
     @Flag(help: "Three RabbitMQ nodes in a cluster (adds the faults stop-leader-node and stop-ingress-node).") var cluster = false
-    @Flag(help: "Redis with a replica under three sentinels (adds redis-failover, drops restart-redis).") var sentinel = false
+    @Flag(help: "Redis with two replicas under three sentinels (adds redis-failover, drops restart-redis).") var sentinel = false
     @Option(help: "Only these faults (comma-separated names), each once per round.") var faults: String?
     @Option(help: "The repository (for ops/services).") var repo: String = FileManager.default.currentDirectoryPath
     @Option(help: "Where the executables are (default: next to this one).") var bin: String?

@@ -147,13 +147,16 @@ public struct SessionStore: Sendable {
 
     private static let commitScript = RedisScript(commitLua + "\nreturn commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])")
 
+    // Marked again (a retry after a WAIT fell short), it still writes: WAIT waits for the
+    // offset of the connection's last write, so a mark that wrote nothing would be "acknowledged"
+    // without covering the first one.
     private static let markRepliedScript = RedisScript(
         """
         if redis.call('HSETNX', KEYS[1], 'replied', '1') == 1 then
           if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[2], 'cs_sent', 1) end
           redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
-          redis.call('EXPIRE', KEYS[1], ARGV[2])
         end
+        redis.call('EXPIRE', KEYS[1], ARGV[2])
         return 1
         """)
 
@@ -255,10 +258,22 @@ public struct SessionStore: Sendable {
     /// without one past its lease is what makes a message uncertain.
     /// - Parameter lease: how long the claim holds others off: longer than one send can take.
     public func claim(_ m: InboundMessage, worker: String, fence: Fence, lease: Duration) async throws -> Claim {
-        let reply = try await replicatedEval(
+        let (reply, shortfall) = try await replicatedEvalReporting(
             Self.claimScript, keys: [recordKey(m), fence.key],
             arguments: [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
-        return try Self.claimAnswer(reply.array ?? [])
+        let claim = try Self.claimAnswer(reply.array ?? [])
+        try await giveBackUnreplicated(claim, shortfall, m, worker: worker)
+        return claim
+    }
+
+    /// A claim no replica acknowledged in time is not used: a fresh one is given back (left in
+    /// place, it would expire into a false "uncertain" before the outage's back-off ends), one
+    /// taken over from a stopped sender ("uncertain") stays, so that its expiry still says so.
+    /// Then the shortfall is thrown as a retriable error.
+    private func giveBackUnreplicated(_ claim: Claim, _ shortfall: RedisError?, _ m: InboundMessage, worker: String) async throws {
+        guard let shortfall else { return }
+        if claim == .claimed { try? await releaseClaim(m, worker: worker) }
+        throw shortfall
     }
 
     /// Stores `decision` (first writer wins, as ``commit(_:for:)``) and claims the message (as
@@ -268,11 +283,12 @@ public struct SessionStore: Sendable {
         _ decision: ReplyRules.Decision, for m: InboundMessage, worker: String, fence: Fence, lease: Duration
     ) async throws -> (ReplyRules.Decision, Claim) {
         let (json, args) = try Self.commitArguments(decision)
-        let reply = try await replicatedEval(
+        let (reply, shortfall) = try await replicatedEvalReporting(
             Self.commitAndClaimScript, keys: [recordKey(m), sessionKey(m.fromUserName), fence.key],
             arguments: args + [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
         let parts = reply.array ?? []
         let claim = try Self.claimAnswer(parts)
+        try await giveBackUnreplicated(claim, shortfall, m, worker: worker)
         guard parts.count == 3 else { throw RedisError(.protocolError, "unexpected answer from the commit-and-claim script") }
         return (Self.stored(parts[2], ours: decision, json: json), claim)
     }
@@ -343,14 +359,32 @@ public struct SessionStore: Sendable {
     /// asynchronous otherwise: a failover can still lose what no `WAIT` covered (an observe
     /// not yet followed by one), which a redelivery then observes again.
     private func replicatedEval(_ script: RedisScript, keys: [String], arguments: [RedisArgument]) async throws -> RedisReply {
+        let (reply, shortfall) = try await replicatedEvalReporting(script, keys: keys, arguments: arguments)
+        if let shortfall { throw shortfall }
+        return reply
+    }
+
+    /// The script's reply, and the retriable error to throw when fewer replicas than asked
+    /// acknowledged it in time (nil when enough did, or none are asked for).
+    private func replicatedEvalReporting(
+        _ script: RedisScript, keys: [String], arguments: [RedisArgument]
+    ) async throws -> (RedisReply, RedisError?) {
         let replicas = redis.configuration.waitReplicas
-        guard replicas > 0 else { return try await redis.eval(script, keys: keys, arguments: arguments) }
+        guard replicas > 0 else { return (try await redis.eval(script, keys: keys, arguments: arguments), nil) }
         let timeout = redis.configuration.waitTimeout
         let (reply, acknowledged) = try await redis.eval(script, keys: keys, arguments: arguments, replicas: replicas, timeout: timeout)
         guard acknowledged >= replicas else {
-            throw RedisError(.unavailable, "a write was acknowledged by \(acknowledged) of \(replicas) Redis replica(s) within \(timeout); waiting for replication")
+            return (reply, RedisError(.unavailable, "a write was acknowledged by \(acknowledged) of \(replicas) Redis replica(s) within \(timeout); waiting for replication"))
         }
-        return reply
+        return (reply, nil)
+    }
+
+    /// Before a message found finished is acknowledged: under `wait_replicas`, the finished
+    /// mark is written again and waited for (it may be the primary's only copy, left by a
+    /// worker whose own `WAIT` fell short); otherwise nothing (no extra round trip).
+    public func confirmFinished(_ m: InboundMessage) async throws {
+        guard redis.configuration.waitReplicas > 0 else { return }
+        try await markReplied(m, sent: false)
     }
 
     /// The current session (for this repository's tests).

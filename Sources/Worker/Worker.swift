@@ -433,6 +433,7 @@ public final class Worker: Sendable {
         if observation.replied {
             metrics.duplicates.increment()
             logger.debug("duplicate dropped", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+            try await store.confirmFinished(message)
             try delivery.ack()
             return .done
         }

@@ -367,6 +367,15 @@ struct RedisSentinelTests {
                 second = (try? await services.redisPrimary()) ?? 1
                 return second != 1
             }
+            // Until the sentinels reconfigure the old primary (and with it kill its clients), a
+            // connection still open to it writes there, and those writes are lost in its resync:
+            // the window every Sentinel client has. Once it is a replica, every write lands on the
+            // new primary.
+            try await eventually("the old primary to be reconfigured as a replica", within: 60) {
+                let old = try testPool(size: 1, url: "redis://127.0.0.1:\(try services.redisPort(instance: 1))/0")
+                defer { old.close() }
+                return (try? await old.send(["ROLE"]))?.array?.first?.text == "slave"
+            }
             try await writesLand(redis, on: try services.redisPort(instance: second), tag: "demoted")
 
             // 2. The new primary dies: another one is promoted.

@@ -202,6 +202,9 @@ struct DeliveryGuaranteeTests {
                 guard let e = error as? RedisError else { return false }
                 return e.isRetriable && e.message.contains("replica")
             }
+            // The fresh claim no replica acknowledged was given back: left in place, it would
+            // expire during a long outage and read as an uncertain send (a false "maybe sent").
+            #expect(try await redis.send(["HGET", .init(store.keys.record(m.dedupID)), "claim"]) == .null)
             await #expect { try await store.markReplied(m, sent: true) } throws: { ($0 as? RedisError)?.isRetriable == true }
             try await services.startRedis(instance: 2)
             // The mark is written again until a replica acknowledges it (as the worker's markSent does).
