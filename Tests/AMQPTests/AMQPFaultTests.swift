@@ -88,7 +88,7 @@ struct AMQPFaultTests {
 }
 
 /// What a broken connection leaves behind, and several broker addresses.
-@Suite("AMQP connection loss", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(3)))
+@Suite("AMQP connection loss", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(6)))
 struct AMQPConnectionLossTests {
     func connection(_ url: String, topology: AMQPTopology) throws -> AMQPConnection {
         var config = try AMQPConfiguration(url: url, connectionName: "amqp-loss-tests")

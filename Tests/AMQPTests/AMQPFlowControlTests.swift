@@ -4,7 +4,7 @@ import TestSupport
 import Testing
 
 /// A memory alarm on a broker of the test's own (it would block every other suite's publishes).
-@Suite("AMQP flow control", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(3)))
+@Suite("AMQP flow control", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(6)))
 struct AMQPFlowControlTests {
     @Test func aMemoryAlarmFailsPublishesPromptlyAndPassesAfterIt() async throws {
         try await PrivateServices.with { services in try await alarm(services) }

@@ -36,7 +36,7 @@ func cleanUp(_ amqp: AMQPConnection, _ name: String) async {
     await amqp.close()
 }
 
-@Suite("AMQP client against the real broker", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(2)))
+@Suite("AMQP client against the real broker", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(6)))
 struct AMQPIntegrationTests {
     /// Hardening #13: a consumer the broker cancels (its queue deleted) ends its sequence, so
     /// the worker can see it and start a new one.

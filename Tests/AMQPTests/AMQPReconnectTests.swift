@@ -4,7 +4,7 @@ import TestSupport
 import Testing
 
 /// Stops and restarts a broker of its own mid-run (see ``PrivateServices``).
-@Suite("AMQP reconnection across a broker restart", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(3)))
+@Suite("AMQP reconnection across a broker restart", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(6)))
 struct AMQPReconnectTests {
     @Test func brokerRestartedMidRun() async throws {
         try await PrivateServices.with { services in try await brokerRestartedMidRun(services) }

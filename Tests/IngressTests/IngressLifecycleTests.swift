@@ -11,7 +11,7 @@ import TestSupport
 import Testing
 import RelayContract
 
-@Suite("wechat-ingress lifecycle", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(3)))
+@Suite("wechat-ingress lifecycle", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(6)))
 struct IngressLifecycleTests {
     @Test func brokerOutageGives503AndRecoversByItself() async throws {
         try await PrivateServices.with { services in

@@ -10,7 +10,7 @@ import Testing
 import WeChat
 import RelayContract
 
-@Suite("wechat-ingress", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(2)))
+@Suite("wechat-ingress", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(6)))
 struct IngressTests {
     @Test func urlVerification() async throws {
         let f = try await IngressFixture.make()

@@ -10,7 +10,7 @@ import WeChat
 import RelayContract
 
 /// `wechat-sim send`'s pusher against a real ingress (live HTTP) and the real broker.
-@Suite("wechat-sim send against the ingress", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(2)))
+@Suite("wechat-sim send against the ingress", .enabled(if: TestServices.amqpEnabled), .timeLimit(.minutes(6)))
 struct SimulatorSendTests {
     @Test(arguments: Pusher.Mode.allCases)
     func sendInEveryMode(mode: Pusher.Mode) async throws {

@@ -60,7 +60,7 @@ struct RedisConfigurationTests {
     }
 }
 
-@Suite("Redis client against the real Redis", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+@Suite("Redis client against the real Redis", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct RedisTests {
     @Test func everyHelper() async throws {
         let redis = try testPool()
@@ -311,7 +311,7 @@ struct RedisTests {
     }
 }
 
-@Suite("Redis recovers from a restart", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+@Suite("Redis recovers from a restart", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct RedisRestartTests {
     @Test func redisRestartedMidRun() async throws {
         try await PrivateServices.with { services in
@@ -344,7 +344,7 @@ struct RedisRestartTests {
 /// #18: Redis with two replicas under three sentinels (`ops/services start --sentinel`): the
 /// client finds the primary through the sentinels, follows both kinds of failover (a primary
 /// demoted while our connections are open; a primary that dies), and never writes to a replica.
-@Suite("Redis under Sentinel", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(4)))
+@Suite("Redis under Sentinel", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct RedisSentinelTests {
     @Test func followsThePrimaryThroughFailovers() async throws {
         try await PrivateServices.with(sentinel: true) { services in

@@ -50,7 +50,7 @@ func withTokend(
 let bearer = "tokend-test-secret"
 let auth: HTTPFields = [.authorization: "Bearer \(bearer)"]
 
-@Suite("wechat-tokend", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+@Suite("wechat-tokend", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct TokendTests {
     @Test func fetchesAndStoresTheToken() async throws {
         try await withTokend { platform, make, appID in
@@ -247,7 +247,7 @@ struct AnyCodable: Decodable {
     }
 }
 
-@Suite("TokenClient (what workers use)", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(1)))
+@Suite("TokenClient (what workers use)", .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct TokenClientTests {
     @Test func readsRedisAndAsksTokendToRefreshARejectedToken() async throws {
         try await withTokend { platform, make, appID in
@@ -286,7 +286,7 @@ struct TokenClientTests {
 /// Regression tests of the hardening issue (#13), tokend part. Serialized: the virtual-clock
 /// lifetimes make tens of thousands of Redis calls, and three at once starved the HTTP
 /// deadlines of other tests in a full run.
-@Suite("tokend hardening", .serialized, .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(2)))
+@Suite("tokend hardening", .serialized, .enabled(if: TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct TokendHardeningTests {
     /// A clock the test moves.
     final class VirtualClock: Sendable {

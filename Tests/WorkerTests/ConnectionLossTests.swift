@@ -8,7 +8,7 @@ import TestSupport
 import Testing
 import Worker
 
-@Suite("Worker across a broken broker connection", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(2)))
+@Suite("Worker across a broken broker connection", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct WorkerConnectionLossTests {
     /// The consuming connection breaks while a reply is being sent. The send completes, its ack
     /// finds the connection gone: that is not a processing failure (no copy goes to a delay
@@ -78,7 +78,7 @@ extension WorkerConnectionLossTests {
 }
 
 /// A memory alarm on a broker of the test's own while the worker must publish a retry.
-@Suite("Worker under a broker memory alarm", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+@Suite("Worker under a broker memory alarm", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct WorkerFlowControlTests {
     /// The retry's publish is refused (the publishing connection is blocked), but the acks of
     /// every other message go out on the consuming connection, which the broker never blocks:
@@ -126,7 +126,7 @@ struct WorkerFlowControlTests {
 
 /// `wechat-worker run` as `main` assembles it (``buildWorker``): configured from the
 /// environment, its two connections, Redis, the worker and its HTTP endpoints in one group.
-@Suite("Worker assembly", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(2)))
+@Suite("Worker assembly", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct WorkerAssemblyTests {
     @Test func theAssembledWorkerRepliesAndReportsReady() async throws {
         try await withStack(quota: 100, shards: 8) { s in

@@ -13,7 +13,7 @@ import Worker
 
 /// #16: at most one sender per message (claims and fences), per-user order through retries,
 /// and the uncertain send, with real RabbitMQ, Redis and worker processes.
-@Suite("Delivery guarantees", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+@Suite("Delivery guarantees", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct DeliveryGuaranteeTests {
     /// A retried message holds its user's place: the first send fails (-1), and the user's
     /// later messages are answered after it, in order, with the session in the same order

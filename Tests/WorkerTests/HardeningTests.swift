@@ -35,7 +35,7 @@ extension Stack {
 }
 
 /// Regression tests of the hardening issue (#13), worker part: each failed on the code before its fix.
-@Suite("wechat-worker hardening", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+@Suite("wechat-worker hardening", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct WorkerHardeningTests {
     /// #3: a different message presented under a signed query that another message already used
     /// (a replayed push URL with a forged body) is never processed; WeChat's own retry of the
@@ -317,7 +317,7 @@ struct ShardAssignmentTests {
     }
 }
 
-@Suite("Worker process", .enabled(if: (TestServices.redisEnabled && TestServices.environment["WR_BIN_DIR"] != nil) || TestServices.isCI), .timeLimit(.minutes(2)))
+@Suite("Worker process", .enabled(if: (TestServices.redisEnabled && TestServices.environment["WR_BIN_DIR"] != nil) || TestServices.isCI), .timeLimit(.minutes(6)))
 struct WorkerProcessTests {
     /// #12: membership used each worker's own clock; with clocks ±5 s apart the workers' views
     /// disagreed and a shard could stay without a consumer (the issue saw it at ±5 s). Three real worker processes whose

@@ -167,7 +167,7 @@ func running(_ workers: [Worker], _ body: () async throws -> Void) async throws 
 let help = "您好!输入“菜单”查看功能列表"
 let unsupported = "暂不支持该指令"
 
-@Suite("wechat-worker", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+@Suite("wechat-worker", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct WorkerTests {
     @Test func everyRowOfTheDefaultRules() async throws {
         try await withStack(quota: 100) { s in
@@ -335,12 +335,12 @@ struct WorkerTests {
     }
 }
 
-@Suite("Full stack", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+@Suite("Full stack", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct FullStackTests {
     /// Redis down for longer than the three retries of a failing send: the message
     /// keeps waiting in the longest delay queue, is answered once Redis is back,
     /// and nothing is dead-lettered.
-    @Test(.enabled(if: TestServices.environment["WR_SERVICES"] != nil || TestServices.isCI), .timeLimit(.minutes(2)))
+    @Test(.enabled(if: TestServices.environment["WR_SERVICES"] != nil || TestServices.isCI), .timeLimit(.minutes(6)))
     func aRedisOutageLongerThanTheRetriesDeadLettersNothing() async throws {
         try await withStack { s in
             try await PrivateServices.with { outage in
@@ -418,7 +418,7 @@ struct FullStackTests {
     }
 }
 
-@Suite("Worker scale-out", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(3)))
+@Suite("Worker scale-out", .enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled), .timeLimit(.minutes(6)))
 struct ScaleOutTests {
     @Test func workersShareTheShardsAndAHandoverKeepsOrder() async throws {
         let echo = try ReplyRules(yaml: "rules:\n  - match: { type: text }\n    reply: { text: \"{{message.Content}}\" }\n")
@@ -459,7 +459,7 @@ func metric(_ w: Worker, _ prefix: String) -> Int {
     return line.flatMap { Int(Double($0.dropFirst(prefix.count)) ?? -1) } ?? 0
 }
 
-@Suite("Worker crash", .enabled(if: (TestServices.amqpEnabled && TestServices.redisEnabled && TestServices.environment["WR_BIN_DIR"] != nil) || TestServices.isCI), .timeLimit(.minutes(2)))
+@Suite("Worker crash", .enabled(if: (TestServices.amqpEnabled && TestServices.redisEnabled && TestServices.environment["WR_BIN_DIR"] != nil) || TestServices.isCI), .timeLimit(.minutes(6)))
 struct WorkerCrashTests {
     @Test func aWorkerKilledMidFlightIsRedeliveredAndRepliedExactlyOnce() async throws {
         let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
