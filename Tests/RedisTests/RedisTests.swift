@@ -401,7 +401,7 @@ struct RedisSentinelTests {
     /// Retries a write across the failover (as the worker retries a retriable Redis error) until
     /// one is on `port`, the new primary. (Until the sentinels reconfigure the old primary, a
     /// write can still succeed there and be lost in its resync: the writes that must survive a
-    /// failover wait for a replica, `WAIT`, see `aClaimNoReplicaAcknowledgedIsNotSentOn`.) Then 20
+    /// failover wait for a replica, `WAIT`, see `aClaimNoSentinelReplicaAcknowledgedIsNotSentOn`.) Then 20
     /// more must all succeed at once and be on the primary: the client stays with it.
     private func writesLand(_ redis: RedisPool, on port: Int, tag: String) async throws {
         let direct = try testPool(size: 1, url: "redis://127.0.0.1:\(port)/0")

@@ -186,7 +186,7 @@ struct DeliveryGuaranteeTests {
     /// and sends nothing), so a failover right after it cannot lose the only copy and let
     /// another worker send the reply a second time; the same for the finished mark. With the
     /// replica back, the mark written again is acknowledged.
-    @Test func aClaimNoReplicaAcknowledgedIsNotSentOn() async throws {
+    @Test func aClaimNoSentinelReplicaAcknowledgedIsNotSentOn() async throws {
         try await PrivateServices.with(sentinel: true) { services in
             var configuration = try RedisConfiguration(url: services.redisURL + "?wait_timeout=300")
             configuration.commandTimeout = .seconds(5)
