@@ -19,6 +19,9 @@ public struct DevSettings: Sendable {
     /// `DEV_CLUSTER=1` (`ops/dev --cluster`): the brokers in their production shape, three
     /// RabbitMQ nodes in a cluster and Redis with two replicas under three sentinels.
     public var cluster: Bool
+    /// `DEV_DECIDE=1` (`ops/dev --decide`): the workers ask the simulator's toy decision
+    /// service (`WORKER_DECIDE_URL`, `/sim/decide`) for every reply instead of the built-in rules.
+    public var decide: Bool
     /// `LOG_LEVEL` for every process, default `info`.
     public var logLevel: String
     /// The environment the children inherit (the stack's own variables override it).
@@ -64,6 +67,11 @@ public struct DevSettings: Sendable {
         case "", "0", "false": cluster = false
         case "1", "true": cluster = true
         case let other: throw Invalid(description: "DEV_CLUSTER must be 1 or 0, not '\(other)'")
+        }
+        switch environment["DEV_DECIDE"] ?? "" {
+        case "", "0", "false": decide = false
+        case "1", "true": decide = true
+        case let other: throw Invalid(description: "DEV_DECIDE must be 1 or 0, not '\(other)'")
         }
         if cluster, reuse != nil { throw Invalid(description: "DEV_CLUSTER starts brokers of its own: unset AMQP_URL and REDIS_URL, or DEV_CLUSTER") }
     }

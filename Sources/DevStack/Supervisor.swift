@@ -67,7 +67,8 @@ final class Supervisor: Sendable {
         }
         for n in 1...2 {
             let port = ports[3 + n]
-            let env = ["METRICS_PORT": "\(port)", "WECHAT_API_URL": simURL, "TOKEND_URL": tokendURL]
+            var env = ["METRICS_PORT": "\(port)", "WECHAT_API_URL": simURL, "TOKEND_URL": tokendURL]
+            if s.decide { env["WORKER_DECIDE_URL"] = simURL + "/sim/decide" }
             ready.append((try await start("worker-\(n)", bin + "/wechat-worker", [], base, env), "http://127.0.0.1:\(port)/readyz"))
         }
         for (child, url) in ready { try await waitReady(child, url) }

@@ -11,10 +11,13 @@ import WeChat
 /// inject faults and tell the platform about pushes made by another process.
 public struct FakeAPI: Sendable {
     public let platform: FakePlatform
+    /// The toy decision service at `/sim/decide`.
+    public let decider: ToyDecider
     let logger: Logger
 
-    public init(platform: FakePlatform, logger: Logger) {
+    public init(platform: FakePlatform, decider: ToyDecider = ToyDecider(), logger: Logger) {
         self.platform = platform
+        self.decider = decider
         self.logger = logger
     }
 
@@ -58,6 +61,7 @@ public struct FakeAPI: Sendable {
             platform.userPushed(openID: openID, msgType: type, event: request.uri.queryParameters.get("event"))
             return Self.json(["ok": true])
         }
+        decider.addRoutes(to: router)
         router.get("/healthz") { _, _ in Self.status(.ok, "ok") }
         return router
     }

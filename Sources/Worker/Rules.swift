@@ -112,6 +112,18 @@ public struct ReplyRules: Sendable {
             fixed = Self.fixedMessage(object)
         }
 
+        /// The message for `user` as it is (no placeholders filled): a decision service's reply.
+        func message(to user: String) throws -> CustomerServiceMessage {
+            if var m = fixed {
+                m.toUser = user
+                return m
+            }
+            var o = object
+            o["touser"] = .string(user)
+            let data = try JSONEncoder().encode(JSONValue.object(o))
+            return try JSONDecoder().decode(CustomerServiceMessage.self, from: data)
+        }
+
         /// The message for `user`, with `{{session.X}}` and `{{message.X}}` filled in.
         func message(to user: String, fill: (String) -> String) throws -> CustomerServiceMessage {
             if var m = fixed {
@@ -125,13 +137,17 @@ public struct ReplyRules: Sendable {
         }
     }
 
-    /// What the rules decided for one message.
+    /// What was decided for one message (by a handler, a rule or the decision service).
     public struct Decision: Sendable, Codable, Equatable {
         public var reply: CustomerServiceMessage?
         public var setState: String?
-        public init(reply: CustomerServiceMessage?, setState: String?) {
+        /// Session fields to set (stored as `f:<name>`; an empty value removes the field):
+        /// from the decision service (`set_fields`), or a handler.
+        public var setFields: [String: String]?
+        public init(reply: CustomerServiceMessage?, setState: String?, setFields: [String: String]? = nil) {
             self.reply = reply
             self.setState = setState
+            self.setFields = setFields
         }
     }
 
@@ -173,6 +189,11 @@ public struct ReplyRules: Sendable {
 
     /// The first matching rule's decision, or no reply when none matches.
     public func decide(_ message: InboundMessage, session: SessionSnapshot) throws -> Decision {
+        try decideIfMatched(message, session: session) ?? Decision(reply: nil, setState: nil)
+    }
+
+    /// The first matching rule's decision, or `nil` when no rule matches.
+    public func decideIfMatched(_ message: InboundMessage, session: SessionSnapshot) throws -> Decision? {
         let (type, text) = Self.normalized(message)
         for rule in rules where rule.match.fits(type: type, text: text, message: message, state: session.state) {
             let reply = try rule.reply?.message(to: message.fromUserName) { key in
@@ -182,7 +203,7 @@ public struct ReplyRules: Sendable {
             }
             return Decision(reply: reply, setState: rule.setState)
         }
-        return Decision(reply: nil, setState: nil)
+        return nil
     }
 
     /// Voice with Recognition is text.

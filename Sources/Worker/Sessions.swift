@@ -134,18 +134,23 @@ public struct SessionStore: Sendable {
     /// Stores a decision unless one is stored (first writer wins), applying its state change;
     /// evaluates to the stored decision. Shared by the commit and commit-and-claim scripts.
     private static let commitLua = """
-        local function commit(rec, session, decision, setsState, state)
+        local function commit(rec, session, decision, setsState, state, fields)
           local existing = redis.call('HGET', rec, 'decision')
           if existing then return existing end
           redis.call('HSET', rec, 'decision', decision)
           if setsState == '1' then
             if state == '' then redis.call('HDEL', session, 'state') else redis.call('HSET', session, 'state', state) end
           end
+          if fields ~= '' then
+            for name, value in pairs(cjson.decode(fields)) do
+              if value == '' then redis.call('HDEL', session, 'f:' .. name) else redis.call('HSET', session, 'f:' .. name, value) end
+            end
+          end
           return decision
         end
         """
 
-    private static let commitScript = RedisScript(commitLua + "\nreturn commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])")
+    private static let commitScript = RedisScript(commitLua + "\nreturn commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])")
 
     // Marked again (a retry after a WAIT fell short), it still writes: WAIT waits for the
     // offset of the connection's last write, so a mark that wrote nothing would be "acknowledged"
@@ -241,8 +246,8 @@ public struct SessionStore: Sendable {
     private static let commitAndClaimScript = RedisScript(
         commitLua + "\n" + claimLua + """
 
-            local stored = commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
-            local c = claim(KEYS[1], KEYS[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+            local stored = commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+            local c = claim(KEYS[1], KEYS[3], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
             return {c[1], c[2], stored}
             """)
 
@@ -293,10 +298,21 @@ public struct SessionStore: Sendable {
         return (Self.stored(parts[2], ours: decision, json: json), claim)
     }
 
-    /// The commit scripts' arguments for `decision`: its JSON, whether it sets the state, the state.
+    /// The commit scripts' arguments for `decision`: its JSON, whether it sets the state, the
+    /// state, the fields to set as a JSON object (or empty).
     private static func commitArguments(_ decision: ReplyRules.Decision) throws -> (json: String, [RedisArgument]) {
-        let json = String(decoding: try WeChatJSON.decisionRecord(reply: decision.reply, setState: decision.setState), as: UTF8.self)
-        return (json, [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? "")])
+        // The hand-written record covers the common decision; one that sets fields (rare: the
+        // decision service's) is written by the encoder, in the same sorted-keys form.
+        let record: [UInt8]
+        var fields = ""
+        if let set = decision.setFields, !set.isEmpty {
+            record = try WeChatJSON.encode(decision)
+            fields = String(decoding: try WeChatJSON.encode(set), as: UTF8.self)
+        } else {
+            record = try WeChatJSON.decisionRecord(reply: decision.reply, setState: decision.setState)
+        }
+        let json = String(decoding: record, as: UTF8.self)
+        return (json, [.init(json), decision.setState == nil ? "0" : "1", .init(decision.setState ?? ""), .init(fields)])
     }
 
     /// The decision a commit script stored: ours (not decoded again) unless another worker's came first.

@@ -136,6 +136,8 @@ public final class Worker: Sendable {
     public let metrics: WorkerMetrics
     let rules: ReplyRules
     let handlers: [any MessageHandler]
+    /// `WORKER_DECIDE_URL`: asked when no handler and no rule decided.
+    let decisionService: DecisionService?
     let sender: Sender
     public let concurrency: Int
     let logger: Logger
@@ -159,6 +161,7 @@ public final class Worker: Sendable {
 
     public init(
         amqp: AMQPConnection, publisher: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
+        decisionService: DecisionService? = nil,
         topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger,
         retryDelays: [Duration] = RetryTopology.defaultDelays, uncertainSend: UncertainSend = .resend,
         claimLease: Duration = .seconds(30), handoverDeadline: Duration = .seconds(20)
@@ -169,6 +172,7 @@ public final class Worker: Sendable {
         self.sender = sender
         self.rules = rules
         self.handlers = handlers
+        self.decisionService = decisionService
         self.retry = RetryTopology(base: topology, delays: retryDelays)
         self.concurrency = max(1, concurrency)
         self.metrics = metrics
@@ -616,11 +620,15 @@ public final class Worker: Sendable {
         }
     }
 
+    /// Swift handlers first, in order; then the rules (the first that matches); then the
+    /// decision service, when one is configured (docs/worker.md, "Deciding a reply").
     private func decide(_ message: InboundMessage, _ snapshot: SessionSnapshot) async throws -> ReplyRules.Decision {
         for h in handlers {
             if let d = try await h.decide(message, session: snapshot) { return d }
         }
-        return try rules.decide(message, session: snapshot)
+        guard let service = decisionService else { return try rules.decide(message, session: snapshot) }
+        if let d = try rules.decideIfMatched(message, session: snapshot) { return d }
+        return try await service.decide(message, session: snapshot)
     }
 
     /// Acks the original of a message just republished to the dead letters.

@@ -44,7 +44,11 @@ public func buildWorker(
             redis: redis, appID: configuration.appID, prefix: configuration.topology.prefix,
             sessionTTL: configuration.sessionTTL, finishedTTL: configuration.finishedTTL),
         sender: Sender(apiURL: configuration.apiURL, http: http, tokens: tokens), rules: configuration.rules,
-        handlers: handlers, topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics,
+        handlers: handlers,
+        decisionService: configuration.decideURL.map {
+            DecisionService(url: $0, http: http, timeout: .seconds(configuration.decideTimeout), appID: configuration.appID)
+        },
+        topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics,
         logger: logger, uncertainSend: configuration.uncertainSend, claimLease: .seconds(configuration.claimLease))
     let app = Application(
         router: buildWorkerRouter(worker: worker, redis: redis), server: RelayHTTP.server(idleTimeout: .seconds(30)),
@@ -99,6 +103,9 @@ public struct WorkerService: Service {
                 try await cancelWhenGracefulShutdown { try await worker.amqp.waitUntilConnected() }
                 try await worker.run()
             } catch {
+                // For example the broker refusing a declaration (a queue declared before with
+                // other arguments): said, not retried in silence.
+                worker.logger.error("the worker stopped consuming; starting again in 1 s", metadata: ["error": "\(error)"])
                 try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(1)) }
             }
         }

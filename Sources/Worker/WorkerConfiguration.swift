@@ -22,6 +22,9 @@ public struct WorkerConfiguration: Sendable {
     public var uncertainSend: UncertainSend
     /// How long a worker's claim on a message holds the others off, seconds (`WORKER_CLAIM_LEASE`).
     public var claimLease: Int
+    /// The decision service (`WORKER_DECIDE_URL`), if any, and its deadline in seconds (`WORKER_DECIDE_TIMEOUT`).
+    public var decideURL: String?
+    public var decideTimeout: Int
     public var topology: WeChatTopology
 
     public init(_ env: RelayEnvironment) throws {
@@ -43,6 +46,13 @@ public struct WorkerConfiguration: Sendable {
         if tokendURL != nil, tokendSecret == nil {
             throw ConfigurationError(variable: "TOKEND_SECRET", reason: "is required when TOKEND_URL is set")
         }
+        decideURL = env.string("WORKER_DECIDE_URL")
+        if let url = decideURL {
+            guard let u = URL(string: url), u.scheme == "http" || u.scheme == "https", u.host != nil else {
+                throw ConfigurationError(variable: "WORKER_DECIDE_URL", reason: "must be an http:// or https:// URL")
+            }
+        }
+        decideTimeout = try env.int("WORKER_DECIDE_TIMEOUT", default: 3, range: 1...60)
         if let path = env.string("WORKER_RULES") {
             guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
                 throw ConfigurationError(variable: "WORKER_RULES", reason: "cannot read '\(path)'")
@@ -53,7 +63,9 @@ public struct WorkerConfiguration: Sendable {
                 throw ConfigurationError(variable: "WORKER_RULES", reason: "\(error)")
             }
         } else {
-            rules = .defaults
+            // With a decision service and no rules file, the service decides everything (the
+            // built-in rules end in a catch-all that would leave it nothing).
+            rules = decideURL == nil ? .defaults : ReplyRules(rules: [])
         }
         concurrency = try env.int("WORKER_CONCURRENCY", default: 64, range: 1...10_000)
         metricsPort = try env.port("METRICS_PORT", default: 9100)

@@ -50,7 +50,7 @@ struct IngressLifecycleTests {
             let xml = sampleMessages(openID: "oNode")[0].xml
             let uri = "/wechat?\(query(openID: "oNode"))"
             let stopped = Locked(false)
-            let collected = Locked<[UInt]>([])
+            let collected = Locked<[[UInt]]>([])
             try await f.app.test(.live) { client in
                 let url = "http://127.0.0.1:\(try #require(client.port))\(uri)"
                 // Four pushers, each one push at a time, from before the stop until ten pushes after it.
@@ -72,19 +72,31 @@ struct IngressLifecycleTests {
                     try await eventually("some pushes before the stop") { try await f.queued() >= 8 }
                     try await services.stopRabbitMQ(node: 1)
                     stopped.withLock { $0 = true }
-                    var all: [UInt] = []
-                    for try await statuses in group { all += statuses }
+                    var all: [[UInt]] = []
+                    for try await statuses in group { all.append(statuses) }
                     return all
                 }
                 collected.withLock { $0 = all }
                 #expect(try await client.execute(uri: "/readyz", method: .get).status == .ok)
             }
-            let answers = collected.withLock { $0 }
+            let pushers = collected.withLock { $0 }
+            let answers = pushers.flatMap { $0 }
+            let accepted = answers.filter { $0 == 200 }.count
             #expect(answers.count >= 48)
-            #expect(answers.allSatisfy { $0 == 200 }, "\(answers.filter { $0 != 200 }.count) of \(answers.count) pushes were not answered 200")
+            // A push is answered 200 or 503, nothing else. Whether any is 503 depends on how long
+            // the reconnection and the leader elections take against the 15 s confirm deadline: on
+            // these two cores, alone, none was (the election takes a few seconds); on a CI machine
+            // running the cluster chaos test beside it, 44 of 436 were. That is the contract
+            // (503 only while no connection or confirm comes within the deadline; WeChat retries),
+            // so the test does not assert a timing, only the outcome.
+            #expect(answers.allSatisfy { $0 == 200 || $0 == 503 }, "statuses: \(Dictionary(grouping: answers, by: { $0 }).mapValues(\.count))")
+            print("cluster node loss: \(accepted) of \(answers.count) pushes answered 200, the rest 503")
+            // Every pusher's last push (the tenth after the stop) is accepted again: the ingress
+            // recovered by itself.
+            #expect(pushers.count == 4 && pushers.allSatisfy { $0.last == 200 }, "last statuses: \(pushers.map { $0.last ?? 0 })")
             // Every push answered 200 is in a queue (a publish whose confirm was lost with the
             // connection may be there twice: the workers drop such copies).
-            #expect(try await f.queued() >= answers.count)
+            #expect(try await f.queued() >= accepted)
             try await services.startRabbitMQ(node: 1)
             try await eventually("node 1 to rejoin and the shard queues to have all members online", within: 90) {
                 let out = (try? await services.rabbitmqctl(node: 2, ["list_queues", "-q", "--no-table-headers", "name", "members", "online"])) ?? ""

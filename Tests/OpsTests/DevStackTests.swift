@@ -61,13 +61,15 @@ struct DevStackTests {
     }
 
     /// SIGTERM to the supervisor alone, with the test run's brokers (AMQP_URL, REDIS_URL):
-    /// used, and still running afterwards.
+    /// used, and still running afterwards. With `DEV_DECIDE=1` (`ops/dev --decide`): the demo
+    /// reply comes from the simulator's toy decision service.
     @Test(.enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled))
     func sigtermWithReusedBrokersLeavesThemRunning() async throws {
         let amqpURL = try TestServices.amqpURL()
         let redisURL = try TestServices.redisURL()
-        try await withDevRun(reuse: (amqpURL, redisURL)) { run in
+        try await withDevRun(reuse: (amqpURL, redisURL), extra: ["DEV_DECIDE=1"]) { run in
             try await run.waitForLine("ready; Ctrl-C stops everything")
+            #expect(run.output.contains("demo │ reply (text): 回声(第1句): 帮助"))
             #expect(run.output.contains("reusing the RabbitMQ and Redis"))
             #expect(!FileManager.default.fileExists(atPath: run.directory + "/services"))
             let started = try run.startedProcesses(ownBrokers: false)
@@ -132,11 +134,11 @@ struct DevStackTests {
     /// Runs `ops/dev` in a process group of its own (as a shell runs a foreground job), with
     /// a sentinel process it must leave alone; kills whatever is left if `body` fails.
     func withDevRun(
-        reuse: (String, String)? = nil, binaries: String? = nil, closeOutputAfter: String? = nil,
+        reuse: (String, String)? = nil, binaries: String? = nil, closeOutputAfter: String? = nil, extra: [String] = [],
         _ body: (DevRun) async throws -> Void
     ) async throws {
         let work = try Repo.temporaryDirectory()
-        var environment = ["DEV_BIN_DIR=\(try binaries ?? self.binaries())", "DEV_PORT=0", "DEV_DIR=\(work.path)/run"]
+        var environment = ["DEV_BIN_DIR=\(try binaries ?? self.binaries())", "DEV_PORT=0", "DEV_DIR=\(work.path)/run"] + extra
         if let (amqp, redis) = reuse {
             environment += ["AMQP_URL=\(amqp)", "REDIS_URL=\(redis)"]
         } else {
@@ -183,6 +185,8 @@ struct DevSettingsTests {
         #expect(try settings(["AMQP_URL": "amqp://h"]).reuse == nil, "both brokers or neither")
         #expect(try settings(["AMQP_URL": "amqp://h", "REDIS_URL": "redis://h"]).reuse?.redisURL == "redis://h")
         #expect(try settings(["DEV_PORT": "0", "DEV_DIR": "x/y"]).directory == Repo.root.path + "/x/y")
+        #expect(try settings(["DEV_DECIDE": "1"]).decide && !s.decide)
+        #expect(throws: DevSettings.Invalid.self) { try settings(["DEV_DECIDE": "yes"]) }
     }
 
     @Test(arguments: ["-1", "65536", "80a", "", "99999999999999999999"])

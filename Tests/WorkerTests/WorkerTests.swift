@@ -25,6 +25,8 @@ let workerLogger: Logger = {
 /// RabbitMQ, Redis, the fake API and tokend (both on live ports), with names of their own.
 struct Stack: Sendable {
     let platform: FakePlatform
+    /// The toy decision service at `apiURL/sim/decide`.
+    let decider: ToyDecider
     let apiURL: String
     let tokendURL: String
     let appID: String
@@ -40,10 +42,10 @@ struct Stack: Sendable {
     ///   - retryDelays: the delay queues' delays (short ones for tests that go through them all).
     ///   - consumingURL: the broker address of the consuming connection (a proxy a test can cut).
     func worker(
-        rules: ReplyRules = .defaults, concurrency: Int = 16, sessions: RedisPool? = nil,
+        rules: ReplyRules? = nil, concurrency: Int = 16, sessions: RedisPool? = nil,
         retryDelays: [Duration] = RetryTopology.defaultDelays, membership: (interval: Duration, ttl: Duration)? = nil,
         consumingURL: String? = nil, sendTimeout: Duration = .seconds(5), uncertainSend: UncertainSend = .resend,
-        claimLease: Duration = .seconds(30)
+        claimLease: Duration = .seconds(30), decideTimeout: Duration? = nil
     ) async throws -> Worker {
         var config = try AMQPConfiguration(url: consumingURL ?? amqpURL, connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
@@ -54,7 +56,10 @@ struct Stack: Sendable {
         let tokens = TokenClient(redis: redis, keys: TokenKeys(appID: appID, prefix: topology.prefix), tokendURL: tokendURL, tokendSecret: "bearer", cacheFor: .milliseconds(100))
         let worker = Worker(
             amqp: amqp, publisher: publisher, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens, timeout: sendTimeout),
-            rules: rules, topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
+            // With a decision service and no rules given, the service decides everything (as WORKER_DECIDE_URL without WORKER_RULES).
+            rules: rules ?? (decideTimeout == nil ? .defaults : ReplyRules(rules: [])),
+            decisionService: decideTimeout.map { DecisionService(url: apiURL + "/sim/decide", http: .shared, timeout: $0, appID: appID) },
+            topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
             retryDelays: retryDelays, uncertainSend: uncertainSend, claimLease: claimLease)
         if let membership { worker.membershipTiming = membership }
         return worker
@@ -98,8 +103,9 @@ func withStack(
     var settings = FakePlatform.Settings(appID: appID, secret: "s3cret")
     settings.messageQuota = quota
     let platform = FakePlatform(settings: settings)
+    let decider = ToyDecider()
     let api = Application(
-        router: FakeAPI(platform: platform, logger: workerLogger).router(), configuration: .init(address: .hostname("127.0.0.1", port: 0)),
+        router: FakeAPI(platform: platform, decider: decider, logger: workerLogger).router(), configuration: .init(address: .hostname("127.0.0.1", port: 0)),
         logger: workerLogger)
     try await api.test(.live) { apiClient in
         let apiURL = "http://127.0.0.1:\(try #require(apiClient.port))"
@@ -117,7 +123,7 @@ func withStack(
             let pusher = try await AMQPConnection.connect(
                 configuration: AMQPConfiguration(url: amqpURL), topology: topology.inbound, logger: workerLogger)
             let stack = Stack(
-                platform: platform, apiURL: apiURL, tokendURL: "http://127.0.0.1:\(try #require(tokendClient.port))", appID: appID,
+                platform: platform, decider: decider, apiURL: apiURL, tokendURL: "http://127.0.0.1:\(try #require(tokendClient.port))", appID: appID,
                 topology: topology, pusher: pusher, redis: redis, amqpURL: amqpURL)
             do {
                 try await body(stack)
