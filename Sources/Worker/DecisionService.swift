@@ -9,9 +9,10 @@ import WeChat
 /// For each message that no Swift handler and no rule decided, the worker POSTs
 /// ``Request`` as JSON and takes the reply, a dialog-state change and session fields
 /// from the ``Answer`` (both described by `docs/decision.schema.json`). The call has a
-/// deadline (`WORKER_DECIDE_TIMEOUT`); any failure — no connection, the deadline, a status
-/// other than 200 or 204, an answer that is not valid — throws, and the message is retried
-/// with the same back-off as a failed send, then dead-lettered (replayable). A message is
+/// deadline (`WORKER_DECIDE_TIMEOUT`, the answer's body included); a failed answer (a status
+/// other than 200 or 204, an answer that is not valid) throws, and the message is retried with
+/// the same back-off as a failed send, then dead-lettered (replayable); no answer at all is an
+/// outage (``DecisionServiceError/isOutage``), waited out without using up retries. A message is
 /// decided once: the first answer stored is the one used, by every redelivery and retry
 /// (the service may be asked again only when a worker stopped between its answer and the
 /// commit, and that second answer is discarded). The request carries the message's
@@ -25,8 +26,12 @@ public struct DecisionService: Sendable {
 
     /// The largest answer read (64 KiB): a customer-service message is far smaller.
     static let maxAnswer = 65_536
-    /// At most this many session fields set by one answer, each name ≤ 64 bytes and value ≤ 4 KiB.
+    /// At most this many session fields set by one answer, and in one session; each name at
+    /// most 64 characters and each value (and `set_state`) at most 4,096 (Unicode scalars, as
+    /// JSON Schema counts them).
     static let maxFields = 32
+    static let maxSessionFields = 64
+    static let maxValue = 4096
 
     public init(url: String, http: HTTPClient, timeout: Duration, appID: String) {
         self.url = url
@@ -96,21 +101,50 @@ public struct DecisionService: Sendable {
         request.headers.add(name: "X-Relay-Dedup-Key", value: message.dedupID)
         let body = try WeChatJSON.encode(Request(appID: appID, message: message, session: session))
         request.body = .bytes(ByteBuffer(bytes: body))
-        let response: HTTPClientResponse
-        let answer: ByteBuffer
-        do {
-            response = try await http.execute(request, timeout: .nanoseconds(Int64(timeout.wholeNanoseconds)))
-            answer = try await response.body.collect(upTo: Self.maxAnswer)
-        } catch {
-            throw DecisionServiceError("no answer from the decision service: \(error)")
+        // One deadline for the whole exchange: the client's own timeout ends with the answer's
+        // head, so a body sent slowly would otherwise hold the message (and its user) longer.
+        let prepared = request
+        let (status, answer) = try await withThrowingTaskGroup(of: (UInt, ByteBuffer)?.self) { group in
+            group.addTask { [http, timeout] in
+                let request = prepared
+                let response: HTTPClientResponse
+                do {
+                    response = try await http.execute(request, timeout: .nanoseconds(Int64(timeout.wholeNanoseconds)))
+                } catch {
+                    throw DecisionServiceError("no answer from the decision service: \(error)", isOutage: true)
+                }
+                do {
+                    return (response.status.code, try await response.body.collect(upTo: Self.maxAnswer))
+                } catch {
+                    throw DecisionServiceError("cannot read the decision service's answer: \(error)")
+                }
+            }
+            group.addTask { [timeout] in
+                try? await Task.sleep(for: timeout)
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next(), let answer = first else {
+                throw DecisionServiceError("no answer from the decision service within \(timeout)", isOutage: true)
+            }
+            return answer
         }
-        switch response.status.code {
+        switch status {
         case 204: return ReplyRules.Decision(reply: nil, setState: nil)
         case 200: break
-        default: throw DecisionServiceError("the decision service answered HTTP \(response.status.code)")
+        default: throw DecisionServiceError("the decision service answered HTTP \(status)")
         }
         if answer.readableBytes == 0 { return ReplyRules.Decision(reply: nil, setState: nil) }
-        return try Self.decision(from: Data(answer.readableBytesView), to: message.fromUserName)
+        let decision = try Self.decision(from: Data(answer.readableBytesView), to: message.fromUserName)
+        if let set = decision.setFields {
+            // The session's fields stay bounded: an answer may replace fields, not add past the limit.
+            let existing = Set(session.values.keys.filter { $0.hasPrefix("f:") }.map { String($0.dropFirst(2)) })
+            let after = existing.union(set.filter { !$0.value.isEmpty }.keys).subtracting(set.filter { $0.value.isEmpty }.keys)
+            guard after.count <= Self.maxSessionFields else {
+                throw DecisionServiceError("set_fields would give the session \(after.count) fields; at most \(Self.maxSessionFields)")
+            }
+        }
+        return decision
     }
 
     /// Validates an answer and turns it into a decision for `user`.
@@ -124,11 +158,16 @@ public struct DecisionService: Sendable {
         if let fields = a.setFields {
             guard fields.count <= maxFields else { throw DecisionServiceError("set_fields has \(fields.count) fields; at most \(maxFields)") }
             for (name, value) in fields {
-                guard !name.isEmpty, name.utf8.count <= 64, !name.unicodeScalars.contains(where: { $0.value < 0x20 }) else {
-                    throw DecisionServiceError("set_fields: a field name must be 1-64 bytes without control characters")
+                guard !name.isEmpty, name.unicodeScalars.count <= 64, !name.unicodeScalars.contains(where: { $0.value < 0x20 }) else {
+                    throw DecisionServiceError("set_fields: a field name must be 1-64 characters without control characters")
                 }
-                guard value.utf8.count <= 4096 else { throw DecisionServiceError("set_fields: the value of '\(name)' is over 4 KiB") }
+                guard value.unicodeScalars.count <= maxValue else {
+                    throw DecisionServiceError("set_fields: the value of a field is over \(maxValue) characters")
+                }
             }
+        }
+        if let state = a.setState, state.unicodeScalars.count > maxValue {
+            throw DecisionServiceError("set_state is over \(maxValue) characters")
         }
         let reply: CustomerServiceMessage?
         do {
@@ -143,5 +182,14 @@ public struct DecisionService: Sendable {
 /// A decision service call that failed; the message is retried (and dead-lettered when its retries run out).
 public struct DecisionServiceError: Error, CustomStringConvertible, Sendable {
     public var description: String
-    init(_ description: String) { self.description = description }
+    /// No answer at all — the service refused or could not be reached, or its answer did not
+    /// start within the deadline (the connection pool's reconnect back-off makes an unreachable
+    /// service look like a slow one, so the two are not told apart): an outage, waited out
+    /// without using up the message's retries, like a Redis or tokend outage. An answer that
+    /// is an error status or not valid counts as a retry (then the message is dead-lettered).
+    public var isOutage: Bool
+    init(_ description: String, isOutage: Bool = false) {
+        self.description = description
+        self.isOutage = isOutage
+    }
 }

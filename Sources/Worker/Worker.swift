@@ -392,6 +392,9 @@ public final class Worker: Sendable {
                 // Redis is unreachable, or answered "try later" (LOADING, READONLY, BUSY, …): not
                 // this message's fault, so it waits as long as the outage lasts, without using up its retries.
                 step = .retry("Redis unavailable: \(error)", counts: false)
+            } catch let error as DecisionServiceError where error.isOutage {
+                // The decision service cannot be reached: an outage, waited out like Redis's.
+                step = .retry("\(error)", counts: false)
             } catch {
                 step = .retry("processing failed: \(error)", counts: true)
             }

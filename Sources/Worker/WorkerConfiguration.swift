@@ -51,8 +51,13 @@ public struct WorkerConfiguration: Sendable {
             guard let u = URL(string: url), u.scheme == "http" || u.scheme == "https", u.host != nil else {
                 throw ConfigurationError(variable: "WORKER_DECIDE_URL", reason: "must be an http:// or https:// URL")
             }
+            // The HTTP client sends no credentials from a URL: refused rather than silently dropped.
+            guard u.user == nil, u.password == nil else {
+                throw ConfigurationError(variable: "WORKER_DECIDE_URL", reason: "must not carry credentials (user:password@)")
+            }
         }
-        decideTimeout = try env.int("WORKER_DECIDE_TIMEOUT", default: 3, range: 1...60)
+        // At most the worker's HTTP client's read timeout (10 s).
+        decideTimeout = try env.int("WORKER_DECIDE_TIMEOUT", default: 3, range: 1...10)
         if let path = env.string("WORKER_RULES") {
             guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
                 throw ConfigurationError(variable: "WORKER_RULES", reason: "cannot read '\(path)'")

@@ -36,7 +36,8 @@ struct DecisionServiceTests {
     }
 
     /// A failing service (HTTP 500) and one past its deadline: the message is retried with
-    /// back-off and answered once, from the first answer that came.
+    /// back-off (the 500s count against its retries; the deadline is an outage, waited out) and
+    /// answered once, from the first answer that came.
     @Test func aFailingOrSlowServiceIsRetriedAndTheMessageAnsweredOnce() async throws {
         try await withStack { s in
             let w = try await s.worker(retryDelays: Self.shortRetries, decideTimeout: .seconds(1))
@@ -105,6 +106,22 @@ struct DecisionServiceTests {
 }
 
 extension DecisionServiceTests {
+    /// A service that cannot be reached (nothing listens) is an outage: the message waits it
+    /// out — far more tries than its three retries — and is not dead-lettered. (Failed before
+    /// connection failures were told apart from bad answers: dead-lettered after 3 retries.)
+    @Test func anUnreachableServiceIsWaitedOutNotDeadLettered() async throws {
+        try await withStack { s in
+            let closed = try freePort()
+            let w = try await s.worker(retryDelays: Self.shortRetries, decideTimeout: .seconds(1), decideURL: "http://127.0.0.1:\(closed)/decide")
+            try await running([w]) {
+                try await s.push("text", "一", from: "oOutage")
+                try await eventually("six tries") { retried(w) >= 6 }
+            }
+            #expect(try await s.pusher.queueInfo(s.topology.deadLetterQueue).messageCount == 0)
+            #expect(s.platform.messages(touser: "oOutage").isEmpty)
+        }
+    }
+
     /// A message redelivered by the broker (its worker stopped while the send was failing) is
     /// answered from the stored decision by the next worker: the service is not asked again.
     @Test func aRedeliveredMessageIsNotDecidedAgain() async throws {
@@ -118,10 +135,10 @@ extension DecisionServiceTests {
             let a = try await s.worker(retryDelays: delays, decideTimeout: .seconds(3))
             let m = Locked<InboundMessage?>(nil)
             try await running([a]) {
-                m.withLock { $0 = nil }
                 let pushed = try await s.push("text", "一", from: "oRedeliver")
                 m.withLock { $0 = pushed }
-                try await eventually("the first send to fail") { s.platform.sendCalls >= 1 }
+                // Handled (the claim given back, a retry waiting), not merely sent.
+                try await eventually("the first send to fail and wait for its retry") { retried(a) >= 1 }
             }
             // Stopped gracefully while the message waited for its retry: it went back to the queue.
             s.platform.faults = FakePlatform.Faults()
@@ -152,8 +169,24 @@ struct DecisionAnswerTests {
         #expect(full.setFields == ["a": "1"])
     }
 
+    /// What the schema allows, the worker takes: its answer examples, and a long value in Chinese
+    /// (the limits count characters, as JSON Schema does, not bytes).
+    @Test func theSchemasAnswerExamplesAreAccepted() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let schema = try JSONSerialization.jsonObject(with: Data(contentsOf: root.appendingPathComponent("docs/decision.schema.json")))
+        let defs = try #require((schema as? [String: Any])?["$defs"] as? [String: Any])
+        let examples = try #require((defs["answer"] as? [String: Any])?["examples"] as? [Any])
+        #expect(examples.count >= 3)
+        for example in examples {
+            let json = String(decoding: try JSONSerialization.data(withJSONObject: example), as: UTF8.self)
+            #expect(throws: Never.self, "\(json)") { try decision(json) }
+        }
+        let long = String(repeating: "长", count: 4096)
+        #expect(try decision(#"{"set_fields":{"名字":"\#(long)"},"set_state":"\#(long)"}"#).setFields?["名字"] == long)
+    }
+
     @Test(arguments: [
-        "", "[]", "not json", #"{"reply":"hi"}"#, #"{"reply":{"msgtype":"text"}}"#, #"{"reply":{"msgtype":"nope","nope":{}}}"#,
+        "", "[]", #"{"set_state":"\#(String(repeating: "s", count: 4097))"}"#, "not json", #"{"reply":"hi"}"#, #"{"reply":{"msgtype":"text"}}"#, #"{"reply":{"msgtype":"nope","nope":{}}}"#,
         #"{"set_fields":{"":"x"}}"#, #"{"set_fields":{"a":1}}"#,
         #"{"set_fields":{"\#(String(repeating: "n", count: 65))":"x"}}"#,
         #"{"set_fields":{"a":"\#(String(repeating: "v", count: 4097))"}}"#,

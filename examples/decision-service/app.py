@@ -24,6 +24,8 @@ def decide(request):
     text = message.get("Content", "").strip()
     todo = json.loads(session["fields"].get("todo", "[]"))
     if text.startswith("add "):
+        if len(todo) >= 20 or len(text) > 100:  # a session field holds at most 4,096 characters
+            return {"reply": {"text": "The list is full (20 short items)."}}
         todo.append(text[4:])
         return {"reply": {"text": f"Added ({len(todo)} items)."}, "set_fields": {"todo": json.dumps(todo, ensure_ascii=False)}}
     if text == "list":
