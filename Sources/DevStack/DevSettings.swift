@@ -22,6 +22,10 @@ public struct DevSettings: Sendable {
     /// `DEV_DECIDE=1` (`ops/dev --decide`): the workers ask the simulator's toy decision
     /// service (`WORKER_DECIDE_URL`, `/sim/decide`) for every reply instead of the built-in rules.
     public var decide: Bool
+    /// `DEV_PASSIVE=1` (`ops/dev --passive`): passive-first replies — the ingresses wait up to
+    /// 4 s (`INGRESS_REPLY_WAIT`) and the workers offer each reply to them first
+    /// (`WORKER_REPLY_MODE=passive-first`), so the demo reply comes in the HTTP response.
+    public var passive: Bool
     /// `LOG_LEVEL` for every process, default `info`.
     public var logLevel: String
     /// The environment the children inherit (the stack's own variables override it).
@@ -63,16 +67,16 @@ public struct DevSettings: Sendable {
             reuse = nil
         }
         logLevel = environment["LOG_LEVEL"].flatMap { $0.isEmpty ? nil : $0 } ?? "info"
-        switch environment["DEV_CLUSTER"] ?? "" {
-        case "", "0", "false": cluster = false
-        case "1", "true": cluster = true
-        case let other: throw Invalid(description: "DEV_CLUSTER must be 1 or 0, not '\(other)'")
+        func flag(_ name: String) throws -> Bool {
+            switch environment[name] ?? "" {
+            case "", "0", "false": return false
+            case "1", "true": return true
+            case let other: throw Invalid(description: "\(name) must be 1 or 0, not '\(other)'")
+            }
         }
-        switch environment["DEV_DECIDE"] ?? "" {
-        case "", "0", "false": decide = false
-        case "1", "true": decide = true
-        case let other: throw Invalid(description: "DEV_DECIDE must be 1 or 0, not '\(other)'")
-        }
+        cluster = try flag("DEV_CLUSTER")
+        decide = try flag("DEV_DECIDE")
+        passive = try flag("DEV_PASSIVE")
         if cluster, reuse != nil { throw Invalid(description: "DEV_CLUSTER starts brokers of its own: unset AMQP_URL and REDIS_URL, or DEV_CLUSTER") }
     }
 }

@@ -63,12 +63,15 @@ final class Supervisor: Sendable {
         var ready: [(ChildProcess, String)] = []
         for n in 1...2 {
             let port = ports[1 + n]
-            ready.append((try await start("ingress-\(n)", bin + "/wechat-ingress", [], base, ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"]), "http://127.0.0.1:\(port)/readyz"))
+            var env = ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"]
+            if s.passive { env["INGRESS_REPLY_WAIT"] = "4" }
+            ready.append((try await start("ingress-\(n)", bin + "/wechat-ingress", [], base, env), "http://127.0.0.1:\(port)/readyz"))
         }
         for n in 1...2 {
             let port = ports[3 + n]
             var env = ["METRICS_PORT": "\(port)", "WECHAT_API_URL": simURL, "TOKEND_URL": tokendURL]
             if s.decide { env["WORKER_DECIDE_URL"] = simURL + "/sim/decide" }
+            if s.passive { env["WORKER_REPLY_MODE"] = "passive-first" }
             ready.append((try await start("worker-\(n)", bin + "/wechat-worker", [], base, env), "http://127.0.0.1:\(port)/readyz"))
         }
         for (child, url) in ready { try await waitReady(child, url) }

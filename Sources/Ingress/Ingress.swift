@@ -25,6 +25,9 @@ public struct IngressHandler: Sendable {
     public let configuration: IngressConfiguration
     public let amqp: AMQPConnection
     public let metrics: IngressMetrics
+    /// The passive-reply handshake, when `INGRESS_REPLY_WAIT` is above 0: run it as a service
+    /// next to the HTTP server (it consumes this process's reply queue).
+    public let passive: PassiveReplies?
     let logger: Logger
     /// Seconds since the Unix epoch; replaceable in tests.
     let now: @Sendable () -> Int64
@@ -40,6 +43,11 @@ public struct IngressHandler: Sendable {
         self.metrics = metrics
         self.logger = logger
         self.now = now
+        passive =
+            configuration.replyWait > .zero
+            ? PassiveReplies(
+                amqp: amqp, prefix: configuration.topology.prefix, logger: logger, onDeclined: { metrics.passiveLateOffer.increment() })
+            : nil
     }
 
     // MARK: - GET /wechat: URL verification
@@ -64,12 +72,30 @@ public struct IngressHandler: Sendable {
     func receive(_ request: Request) async -> Response {
         let q = request.uri.queryParameters
         let receivedAt = Date()
+        let arrived = ContinuousClock.now
         do {
             try checkSignature(q)
             let body = try await collectBody(request)
             let inbound = try decode(body, query: q)
-            try await publish(inbound, signedQuery: Self.signedQuery(q), receivedAt: receivedAt)
+            // Waiting for a passive reply: the request's slot exists before the publish, so an
+            // offer from a fast worker finds it.
+            let waiting = passive.map { (handshake: $0, id: $0.register()) }
+            do {
+                try await publish(
+                    inbound, signedQuery: Self.signedQuery(q), receivedAt: receivedAt,
+                    replyTo: waiting.map { ($0.handshake.queue, $0.id) })
+            } catch {
+                if let waiting, let taken = waiting.handshake.abandon(waiting.id) { await waiting.handshake.send(.declined, for: taken) }
+                throw error
+            }
             metrics.count(.accepted)
+            if let waiting {
+                let waitStart = ContinuousClock.now
+                let offer = await waiting.handshake.wait(waiting.id, for: arrived + configuration.replyWait - ContinuousClock.now)
+                metrics.replyWait.recordNanoseconds((ContinuousClock.now - waitStart).wholeNanoseconds)
+                if let offer { return passiveResponse(offer, inbound, query: q, handshake: waiting.handshake) }
+                metrics.passiveTimedOut.increment()
+            }
             logger.debug(
                 "message accepted",
                 metadata: [
@@ -184,7 +210,7 @@ public struct IngressHandler: Sendable {
     }
 
     /// Publishes persistently and waits for the broker's confirm (at most INGRESS_CONFIRM_TIMEOUT).
-    private func publish(_ inbound: Inbound, signedQuery: String, receivedAt: Date) async throws {
+    private func publish(_ inbound: Inbound, signedQuery: String, receivedAt: Date, replyTo: (queue: String, id: String)?) async throws {
         let m = inbound.message
         let ms = Int64(receivedAt.timeIntervalSince1970 * 1000)
         var headers: AMQPTable = [
@@ -196,10 +222,13 @@ public struct IngressHandler: Sendable {
             WeChatTopology.Header.signedQuery: .string(signedQuery),
         ]
         if let event = m.event { headers[WeChatTopology.Header.event] = .string(event) }
+        if replyTo != nil {
+            headers[PassiveHandshake.replyByHeader] = .int(ms + configuration.replyWait.wholeNanoseconds / 1_000_000)
+        }
         // message_id is a short string (≤ 255 bytes): the key's fixed-length digest goes there.
         let properties = AMQPProperties(
-            contentType: "application/xml", headers: headers, persistent: true, messageID: m.dedupID,
-            timestamp: UInt64(ms / 1000), appID: configuration.appID)
+            contentType: "application/xml", headers: headers, persistent: true, correlationID: replyTo?.id,
+            replyTo: replyTo?.queue, messageID: m.dedupID, timestamp: UInt64(ms / 1000), appID: configuration.appID)
         let topology = configuration.topology
         let start = ContinuousClock.now
         let deadline = start + configuration.confirmTimeout
@@ -238,6 +267,43 @@ public struct IngressHandler: Sendable {
                 }
             }
         }
+    }
+
+    /// The taken offer as the HTTP response: the worker's XML, encrypted when the push was
+    /// (safe or compatible mode). The verdict `taken` goes back once the response is written; a
+    /// response that cannot be written (WeChat hung up) or is never written sends `declined`.
+    private func passiveResponse(_ offer: PassiveReplies.Offer, _ inbound: Inbound, query q: Parameters, handshake: PassiveReplies) -> Response {
+        var body = offer.xml
+        if inbound.mode != "plaintext" {
+            do {
+                guard let crypto = configuration.crypto else { throw WeChatError(.encryptAES, "no WECHAT_AES_KEY") }
+                let nonce = String(UInt64.random(in: 1_000_000_000...9_999_999_999))
+                body = Array(
+                    try crypto.encryptedReply(
+                        String(decoding: offer.xml, as: UTF8.self), token: configuration.tokens[0], timestamp: String(now()), nonce: nonce
+                    ).utf8)
+            } catch {
+                logger.error("cannot encrypt a passive reply; answering success", metadata: ["error": "\(error)"])
+                Task { await handshake.send(.declined, for: offer) }
+                metrics.passiveTimedOut.increment()
+                return Self.text(.ok, "success")
+            }
+        }
+        metrics.passiveReplied.increment()
+        let verdict = VerdictOnce(offer: offer, handshake: handshake)
+        let buffer = ByteBuffer(bytes: body)
+        return Response(
+            status: .ok, headers: [.contentType: "application/xml; charset=utf-8"],
+            body: ResponseBody(contentLength: buffer.readableBytes) { writer in
+                do {
+                    try await writer.write(buffer)
+                    try await writer.finish(nil)
+                } catch {
+                    await verdict.send(.declined)
+                    throw error
+                }
+                await verdict.send(.taken)
+            })
     }
 
     /// Publish failures tried again within the confirm deadline (see ``publish(_:signedQuery:receivedAt:)``).

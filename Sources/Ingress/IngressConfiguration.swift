@@ -25,6 +25,9 @@ public struct IngressConfiguration: Sendable {
     public var encryption: Encryption
     /// How long a connection may stay idle (or send nothing of a request) before it is closed (`HTTP_IDLE_TIMEOUT`).
     public var idleTimeout: Duration
+    /// How long a push waits, after the confirm, for a passive reply decided by a worker
+    /// (`INGRESS_REPLY_WAIT`); zero answers `success` at once.
+    public var replyWait: Duration
 
     /// The three message modes of WeChat's console (明文, 兼容, 安全).
     public enum Encryption: String, Sendable, CaseIterable {
@@ -83,5 +86,21 @@ public struct IngressConfiguration: Sendable {
             encryption = key == nil ? .plaintext : .compatible
         }
         idleTimeout = .seconds(try env.int("HTTP_IDLE_TIMEOUT", default: 30, range: 1...3600))
+        replyWait = try Self.replyWait(env.string("INGRESS_REPLY_WAIT"))
+    }
+
+    /// `INGRESS_REPLY_WAIT`: seconds, with up to three decimals, 0 to 15 (WeChat gives a push
+    /// 5 s and retries twice, so no answer is useful later than that).
+    static func replyWait(_ text: String?) throws -> Duration {
+        guard let text, !text.isEmpty else { return .zero }
+        let parts = text.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
+        guard let whole = Int(parts[0]), (0...15).contains(whole), parts[0].allSatisfy({ $0.isASCII && $0.isNumber }),
+            parts.count == 1 || (1...3).contains(parts[1].count) && parts[1].allSatisfy({ $0.isASCII && $0.isNumber }),
+            let fraction = parts.count == 2 ? Int(parts[1].padding(toLength: 3, withPad: "0", startingAt: 0)) : 0,
+            whole < 15 || fraction == 0
+        else {
+            throw ConfigurationError(variable: "INGRESS_REPLY_WAIT", reason: "must be seconds from 0 to 15 (up to 3 decimals), not '\(text)'")
+        }
+        return .seconds(whole) + .milliseconds(fraction)
     }
 }

@@ -19,6 +19,12 @@ public struct IngressMetrics: Sendable {
     /// Publishes tried again within the confirm deadline (a nack, no connection, a lost confirm):
     /// `wechat_ingress_publish_retries_total`.
     let republished: CoreMetrics.Counter
+    /// Pushes that waited for a passive reply (`INGRESS_REPLY_WAIT`), by how the wait ended:
+    /// `wechat_ingress_passive_total{outcome="replied"|"timed_out"}`; offers that came too late
+    /// (declined) are `outcome="late_offer"`.
+    let passiveReplied, passiveTimedOut, passiveLateOffer: CoreMetrics.Counter
+    /// How long a push waited for its passive reply: `wechat_ingress_reply_wait_seconds`.
+    let replyWait: CoreMetrics.Timer
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -33,6 +39,13 @@ public struct IngressMetrics: Sendable {
         bodySizes = CoreMetrics.Recorder(label: "wechat_ingress_body_bytes", dimensions: [], aggregate: true, factory: factory)
         inFlight = CoreMetrics.Gauge(label: "amqp_confirms_in_flight", factory: factory)
         republished = CoreMetrics.Counter(label: "wechat_ingress_publish_retries_total", factory: factory)
+        func passive(_ outcome: String) -> CoreMetrics.Counter {
+            CoreMetrics.Counter(label: "wechat_ingress_passive_total", dimensions: [("outcome", outcome)], factory: factory)
+        }
+        passiveReplied = passive("replied")
+        passiveTimedOut = passive("timed_out")
+        passiveLateOffer = passive("late_offer")
+        replyWait = CoreMetrics.Timer(label: "wechat_ingress_reply_wait_seconds", factory: factory)
     }
 
     func count(_ outcome: Outcome) { requests[outcome]?.increment() }

@@ -72,6 +72,21 @@ public struct Pusher: Sendable {
         throw PushError(message: "no answer from \(ingressURL) after \(tries) tries: \(lastError.map { "\($0)" } ?? "?")")
     }
 
+    /// The passive reply in an ingress's answer to a push, as WeChat reads it: `nil` for
+    /// `success` (or an empty answer); the reply's XML otherwise — decrypted, after its
+    /// `MsgSignature` was checked, when it came encrypted (safe and compatible mode).
+    /// - Throws: a ``PushError`` or ``WeChatError`` for an answer WeChat would refuse.
+    public func passiveReply(in body: String) throws -> XMLElement? {
+        guard !body.isEmpty, body != "success" else { return nil }
+        let root = try WeChatXML.parse(body)
+        guard let encrypted = root[child: "Encrypt"]?.text else { return root }
+        guard let crypto else { throw PushError(message: "an encrypted passive reply, but no WECHAT_AES_KEY to read it") }
+        try WeChatSignature.verifyMessageSignature(
+            root[child: "MsgSignature"]?.text ?? "", token: token, timestamp: root[child: "TimeStamp"]?.text ?? "",
+            nonce: root[child: "Nonce"]?.text ?? "", encrypted: encrypted)
+        return try WeChatXML.parse(try crypto.decrypt(encrypted))
+    }
+
     /// The URL-verification GET; returns whether `echostr` came back verbatim.
     public func verify(client: HTTPClient = .shared) async throws -> (status: Int, echoed: Bool) {
         let timestamp = String(Int(Date().timeIntervalSince1970))

@@ -16,7 +16,8 @@ struct WeChatIngressCommand: AsyncParsableCommand {
             Configured by environment variables (or a .env file in the working directory; the environment wins):
               WECHAT_APPID (required), WECHAT_TOKEN (required), WECHAT_AES_KEY, WECHAT_ACCOUNT_ID,
               WECHAT_PREVIOUS_TOKEN, WECHAT_PREVIOUS_AES_KEY, AMQP_URL, HTTP_HOST, HTTP_PORT (8080),
-              INGRESS_TIMESTAMP_WINDOW (300), INGRESS_MAX_BODY (65536), INGRESS_CONFIRM_TIMEOUT (4), LOG_LEVEL.
+              INGRESS_TIMESTAMP_WINDOW (300), INGRESS_MAX_BODY (65536), INGRESS_CONFIRM_TIMEOUT (4),
+              INGRESS_REPLY_WAIT (0: no passive replies), LOG_LEVEL.
             Serves POST/GET /wechat, /healthz, /readyz and /metrics. See docs/CONTRACT.md.
             """
     )
@@ -39,9 +40,13 @@ struct WeChatIngressCommand: AsyncParsableCommand {
                     "http.address": "\(configuration.host):\(configuration.port)",
                     "amqp.url": "\(configuration.amqp.redactedURL)",
                     "wechat.safe_mode": "\(configuration.crypto != nil)",
+                    "ingress.reply_wait": "\(configuration.replyWait)",
                 ])
-            // The HTTP server is last: it stops first, then the AMQP connection drains its confirms.
-            try await RelayBootstrap.runUntilSignalled([amqp, app], logger: logger)
+            // The HTTP server is last: it stops first (requests waiting for a passive reply finish
+            // within INGRESS_REPLY_WAIT), then the reply queue's consumer, then the AMQP connection
+            // drains its confirms.
+            let services: [any Service] = [amqp] + (handler.passive.map { [$0] } ?? []) + [app]
+            try await RelayBootstrap.runUntilSignalled(services, logger: logger)
         }
     }
 }

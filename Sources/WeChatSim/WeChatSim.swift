@@ -125,8 +125,19 @@ struct SendCommand: AsyncParsableCommand {
             // The fake API opens the user's customer-service window, as WeChat would.
             let before = try await FakeAPIClient(baseURL: api).register(push: message, client: client)
             let result = try await pusher.push(xml, openID: openid, client: client)
-            print("ingress answered \(result.status) \"\(result.body)\" after \(result.tries) tr\(result.tries == 1 ? "y" : "ies")")
-            guard result.status == 200, result.body == "success" else { throw ExitCode.failure }
+            let tries = "after \(result.tries) tr\(result.tries == 1 ? "y" : "ies")"
+            guard result.status == 200 else {
+                print("ingress answered \(result.status) \"\(result.body)\" \(tries)")
+                throw ExitCode.failure
+            }
+            // A passive reply (INGRESS_REPLY_WAIT and a passive WORKER_REPLY_MODE) is the answer itself.
+            if let passive = try pusher.passiveReply(in: result.body) {
+                print("ingress answered 200 with a passive reply (\(result.body.utf8.count) bytes) \(tries)")
+                let type = passive[child: "MsgType"]?.text ?? "?"
+                print("reply (\(type), passive: in the HTTP response): \(passive[child: "Content"]?.text ?? "(a \(type) reply)")")
+                return
+            }
+            print("ingress answered 200 \"\(result.body)\" \(tries)")
             if waitReply {
                 let reply = try await FakeAPIClient(baseURL: api).waitForReply(
                     to: openid, after: before, timeout: .seconds(replyTimeout), client: client)
@@ -134,7 +145,7 @@ struct SendCommand: AsyncParsableCommand {
                     print("no reply within \(replyTimeout) s")
                     throw ExitCode.failure
                 }
-                print("reply (\(reply.msgtype)): \(reply.content ?? reply.body)")
+                print("reply (\(reply.msgtype), via the customer-service API): \(reply.content ?? reply.body)")
             }
         }
     }

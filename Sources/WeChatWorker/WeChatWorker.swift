@@ -53,6 +53,7 @@ struct Run: AsyncParsableCommand {
                 metadata: [
                     "amqp.url": "\(configuration.amqp.redactedURL)", "redis.url": "\(configuration.redis.redactedURL)",
                     "wechat.api": "\(configuration.apiURL)", "worker.concurrency": "\(configuration.concurrency)",
+                    "worker.reply_mode": "\(configuration.replyMode.rawValue)",
                 ])
             do {
                 try await RelayBootstrap.runUntilSignalled(app.services, logger: logger)

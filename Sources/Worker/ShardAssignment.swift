@@ -110,6 +110,10 @@ final class ShardRunner: Sendable {
     private let finished = Event()
     /// Set when a hand-over's deadline passed: the jobs still running are cancelled.
     private let cutJobs = Event()
+    /// In the passive modes: the copies of each message in hand (WeChat's retries of a push, each
+    /// with an ingress waiting for it), handed to the job of the first copy instead of queueing
+    /// behind it in the user's line. Keyed by `message_id`; the first copy's job is the entry.
+    private let copies = Mutex<[String: [AMQPDelivery]]>([:])
     private let fenceLock = Limiter(permits: 1)
     private let fence = Mutex<(generation: UInt64, fence: SessionStore.Fence)?>(nil)
 
@@ -142,12 +146,19 @@ final class ShardRunner: Sendable {
             do {
                 for try await delivery in consumer {
                     let user = delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? ""
+                    // A copy of a message whose job is in hand goes to that job (passive modes).
+                    let copyKey = worker.offers == nil ? nil : delivery.message.properties.messageID
+                    if let copyKey, !admit(copyKey, delivery) { continue }
                     await turns.waitUntilFewer(than: Self.maxQueuedPerUser, for: user)
                     // Handing over: not processed, not acked; closing the channel returns it in order.
                     // Checked and taken under the turns' lock, so release() cannot slip in between.
-                    guard let turn = turns.take(user, unless: draining) else { continue }
+                    guard let turn = turns.take(user, unless: draining) else {
+                        if let copyKey { _ = finishCopies(copyKey) }
+                        continue
+                    }
                     jobs.addTask {
                         if await turn.waitForPrevious() { await self.worker.process(delivery, on: self) }
+                        if let copyKey { self.ackCopies(copyKey) }
                         self.turns.finish(turn)
                     }
                 }
@@ -159,6 +170,48 @@ final class ShardRunner: Sendable {
             }
             ended.set()
         }
+    }
+
+    /// Whether `delivery` starts a job of its own: false when a job for the same message is in
+    /// hand, which now holds it as a later copy.
+    private func admit(_ key: String, _ delivery: AMQPDelivery) -> Bool {
+        copies.withLock { c in
+            if c[key] != nil {
+                c[key]?.append(delivery)
+                return false
+            }
+            c[key] = []
+            return true
+        }
+    }
+
+    private func finishCopies(_ key: String) -> [AMQPDelivery] {
+        copies.withLock { $0.removeValue(forKey: key) ?? [] }
+    }
+
+    /// The job of `key` ended: its later copies are acknowledged. They are duplicates: the
+    /// first copy was answered (acked), or went back to the queue (a hand-over), or to the dead
+    /// letters, and carries the message either way.
+    private func ackCopies(_ key: String) {
+        for copy in finishCopies(key) { try? copy.ack() }
+    }
+
+    /// How many copies of `key` this job holds (the first included).
+    func copyCount(_ key: String) -> Int { copies.withLock { ($0[key]?.count ?? 0) + 1 } }
+
+    /// The latest copy of `key` that came while its job was in hand, if any.
+    func latestCopy(_ key: String) -> AMQPDelivery? { copies.withLock { $0[key]?.last } }
+
+    /// Waits up to `bound` for a copy of `key` beyond the `count` held now (WeChat's retry of
+    /// the push); `nil` if none came, or the shard is handed over or the worker stops.
+    func nextCopy(_ key: String, beyond count: Int, upTo bound: Duration) async -> AMQPDelivery? {
+        let deadline = ContinuousClock.now + bound
+        while ContinuousClock.now < deadline {
+            if draining.isSet || worker.stopping.isSet || Task.isCancelled { return nil }
+            if copyCount(key) > count { return latestCopy(key) }
+            try? await Task.sleep(for: min(.milliseconds(20), deadline - ContinuousClock.now))
+        }
+        return copyCount(key) > count ? latestCopy(key) : nil
     }
 
     /// Whether the consumer still runs (false once the broker cancelled it or it failed).

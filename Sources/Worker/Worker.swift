@@ -96,6 +96,12 @@ public struct WorkerMetrics: Sendable {
     let consumed, replied, duplicates, retried, deadLettered, skipped, noReply, replayedQuery, uncertain, fenced, markRetries, heartbeatFailures:
         CoreMetrics.Counter
     let sendLatency, endToEnd: CoreMetrics.Timer
+    /// `wechat_worker_replies_total{channel="passive"|"customer_service"}`: replies that went out, by channel.
+    let repliedPassively, repliedViaAPI: CoreMetrics.Counter
+    /// `wechat_worker_passive_total{outcome=…}`: `missed` (an offer not taken, or no ingress
+    /// waiting), `dropped` (passive-only: no push took it, after WeChat's last retry),
+    /// `undeliverable` (passive-only: a reply with no passive form).
+    let passiveMissed, passiveDropped, passiveUndeliverable: CoreMetrics.Counter
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -117,6 +123,14 @@ public struct WorkerMetrics: Sendable {
         heartbeatFailures = CoreMetrics.Counter(label: "wechat_worker_heartbeat_failures_total", factory: f)
         sendLatency = CoreMetrics.Timer(label: "wechat_worker_send_seconds", factory: f)
         endToEnd = CoreMetrics.Timer(label: "wechat_worker_end_to_end_seconds", factory: f)
+        repliedPassively = CoreMetrics.Counter(label: "wechat_worker_replies_total", dimensions: [("channel", "passive")], factory: f)
+        repliedViaAPI = CoreMetrics.Counter(label: "wechat_worker_replies_total", dimensions: [("channel", "customer_service")], factory: f)
+        func passive(_ outcome: String) -> CoreMetrics.Counter {
+            CoreMetrics.Counter(label: "wechat_worker_passive_total", dimensions: [("outcome", outcome)], factory: f)
+        }
+        passiveMissed = passive("missed")
+        passiveDropped = passive("dropped")
+        passiveUndeliverable = passive("undeliverable")
     }
 }
 
@@ -147,6 +161,10 @@ public final class Worker: Sendable {
     public let uncertainSend: UncertainSend
     /// How long a claim holds other workers off: well past the sender's timeout.
     let claimLease: Duration
+    /// `WORKER_REPLY_MODE`.
+    public let replyMode: ReplyMode
+    /// The passive-reply handshake (in the passive modes).
+    let offers: PassiveOffers?
     /// How long a hand-over (and the shutdown) waits for the jobs in hand before cancelling them.
     let handoverDeadline: Duration
     private let paused = Mutex<Date?>(nil)
@@ -164,7 +182,7 @@ public final class Worker: Sendable {
         decisionService: DecisionService? = nil,
         topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger,
         retryDelays: [Duration] = RetryTopology.defaultDelays, uncertainSend: UncertainSend = .resend,
-        claimLease: Duration = .seconds(30), handoverDeadline: Duration = .seconds(20)
+        claimLease: Duration = .seconds(30), handoverDeadline: Duration = .seconds(20), replyMode: ReplyMode = .customerService
     ) {
         self.amqp = amqp
         self.publisher = publisher
@@ -180,12 +198,18 @@ public final class Worker: Sendable {
         self.uncertainSend = uncertainSend
         self.claimLease = claimLease
         self.handoverDeadline = handoverDeadline
+        self.replyMode = replyMode
+        offers =
+            replyMode == .customerService
+            ? nil : PassiveOffers(consuming: amqp, publisher: publisher, prefix: topology.prefix, workerID: id, logger: logger)
     }
 
     /// Whether the worker is taking part (for `/readyz`): connected, running its shard
-    /// assignment, and a live consumer for every shard it owns.
+    /// assignment, a live consumer for every shard it owns, and in the passive modes its
+    /// verdict queue consumed (without it no offer can be made).
     public var isConsuming: Bool {
         amqp.isConnected && consuming.load(ordering: .relaxed) > 0 && !hasDeadRunner.load(ordering: .relaxed)
+            && offers?.isReady ?? true
     }
 
     /// The shards this worker consumes right now.
@@ -230,6 +254,9 @@ public final class Worker: Sendable {
     /// on a shard being released) never makes this worker look dead to the others.
     public func run() async throws {
         try await amqp.declare(retry.topology)
+        // The verdict queue of the passive-reply handshake lives as long as this run.
+        let verdicts = offers.map { offers in Task { await offers.consumeVerdicts() } }
+        defer { verdicts?.cancel() }
         let limiter = Limiter(permits: concurrency)
         var configured = Membership(redis: store.redis, key: store.keys.workers, id: id)
         (configured.interval, configured.ttl) = membershipTiming
@@ -452,7 +479,9 @@ public final class Worker: Sendable {
             decision = stored
         } else {
             decision = try await decide(message, observation.snapshot)
-            if decision.reply != nil, !isPaused, observation.snapshot.sendWouldFail(now: now) == nil {
+            // Claimed at once when it is about to go out: by the API, or offered passively.
+            let offered = offers != nil && decision.reply.flatMap(PassiveOffers.content(for:)) != nil
+            if decision.reply != nil, offered || (!isPaused && observation.snapshot.sendWouldFail(now: now) == nil) {
                 let start = ContinuousClock.now
                 let (stored, claim) = try await store.commitAndClaim(decision, for: message, worker: id, fence: fence, lease: claimLease)
                 decision = stored
@@ -467,14 +496,26 @@ public final class Worker: Sendable {
             try delivery.ack()
             return .done
         }
-        if isPaused {
+        // In the passive modes, a reply with a passive form is offered to the waiting ingress
+        // first; the checks of the API (paused sends, the window) apply only if it goes there.
+        let passive = offers == nil ? nil : PassiveOffers.content(for: reply)
+        if replyMode == .passiveOnly, passive == nil {
+            metrics.passiveUndeliverable.increment()
+            logger.warning(
+                "reply has no passive form and WORKER_REPLY_MODE is passive-only: not sent",
+                metadata: ["wechat.dedup_key": "\(message.dedupID)", "wechat.msg_type": "\(reply.content.msgType)"])
+            try await store.markReplied(message, sent: false)  // also drops a claim taken above
+            try delivery.ack()
+            return .done
+        }
+        if passive == nil, isPaused {
             // Only a clean claim is given back: one taken over from a sender that stopped
             // ("uncertain") stays, so that a replay still finds the send uncertain.
             if preclaimed?.claim == .claimed { try await store.releaseClaim(message, worker: id) }
             await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
             return .done
         }
-        if let why = observation.snapshot.sendWouldFail(now: now) {
+        if passive == nil, let why = observation.snapshot.sendWouldFail(now: now) {
             metrics.skipped.increment()
             logger.info("reply skipped", metadata: ["wechat.openid": "\(message.fromUserName)", "reason": "\(why)"])
             try await store.markReplied(message, sent: false)
@@ -524,6 +565,25 @@ public final class Worker: Sendable {
                 return fenced(message, delivery, shard)
             }
         }
+        if let passive {
+            switch try await offerPassively(passive, message, delivery, shard, fence: fence, claimedAt: start) {
+            case .finished(let step): return step
+            case .viaAPI: break
+            }
+            // passive-first: not taken, so the API sends it, under the same claim.
+            if isPaused {
+                try await store.releaseClaim(message, worker: id)
+                await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
+                return .done
+            }
+            if let why = observation.snapshot.sendWouldFail(now: Int64(Date().timeIntervalSince1970)) {
+                metrics.skipped.increment()
+                logger.info("reply skipped", metadata: ["wechat.openid": "\(message.fromUserName)", "reason": "\(why)"])
+                try await store.markReplied(message, sent: false)
+                try delivery.ack()
+                return .done
+            }
+        }
         // The last check before the request goes out: a claim older than half its lease (this
         // process was paused, or the token took long) may have passed to another worker.
         let lease = claimLease
@@ -536,6 +596,7 @@ public final class Worker: Sendable {
             // error while recording it is retried here, never turned into a retry of the message.
             await markSent(message)
             metrics.replied.increment()
+            metrics.repliedViaAPI.increment()
             if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
                 metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
             }
@@ -595,15 +656,109 @@ public final class Worker: Sendable {
         return .done
     }
 
+    /// How a passive attempt ended: the message is finished (a step to return), or the reply
+    /// goes through the API now (passive-first, not taken).
+    enum PassiveEnd {
+        case finished(Step)
+        case viaAPI
+    }
+
+    /// WeChat pushes a message at most three times (the first push and two retries).
+    static let pushesPerMessage = 3
+
+    /// Offers the reply, under this worker's claim, to the ingress waiting for the latest copy
+    /// of the push (docs/worker.md, "Passive replies"). Taken: marked sent, acked. Not taken:
+    /// passive-first hands it to the API (same claim); passive-only gives the claim back and
+    /// waits for WeChat's retry of the push, offering again, and drops the reply (counted) when
+    /// no push took it. No verdict (the ingress died or a connection broke mid-handshake) is an
+    /// uncertain send: `skip` counts it sent; `resend` sends it by the API (passive-first) or to
+    /// the next retry (passive-only: WeChat retries only a push it got no answer to).
+    private func offerPassively(
+        _ content: PassiveReply.Content, _ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner,
+        fence: SessionStore.Fence, claimedAt: ContinuousClock.Instant
+    ) async throws -> PassiveEnd {
+        guard let offers else { return .viaAPI }
+        let key = delivery.message.properties.messageID ?? message.dedupID
+        var claimedAt = claimedAt
+        while true {
+            let copy = shard.latestCopy(key) ?? delivery
+            let target = PassiveTarget(copy)
+            var why = "the push was not waited for (the ingress's INGRESS_REPLY_WAIT is 0)"
+            if let target, target.msLeft() > 50 {
+                let xml = Array(
+                    PassiveReply(replyingTo: message, createTime: Int64(Date().timeIntervalSince1970), content: content).xml.utf8)
+                // Until the ingress's deadline and a margin for its verdict, and well within the claim.
+                let budget = claimLease / 2 - (ContinuousClock.now - claimedAt)
+                let bound = max(.milliseconds(100), min(.milliseconds(target.msLeft()) + .seconds(2), budget))
+                switch await offers.offer(xml, to: target, bound: bound) {
+                case .taken:
+                    await markSent(message, viaAPI: false)
+                    metrics.replied.increment()
+                    metrics.repliedPassively.increment()
+                    if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
+                        metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
+                    }
+                    try delivery.ack()
+                    return .finished(.done)
+                case .declined(let reason):
+                    why = reason
+                case .unknown(let reason):
+                    metrics.uncertain.increment()
+                    logger.warning(
+                        "no verdict for a passive reply: the ingress may have written it",
+                        metadata: ["wechat.dedup_key": "\(message.dedupID)", "reason": "\(reason)", "worker.uncertain_send": "\(uncertainSend.rawValue)"])
+                    if uncertainSend == .skip {
+                        await markSent(message, viaAPI: false)
+                        try delivery.ack()
+                        return .finished(.done)
+                    }
+                    why = reason
+                }
+            } else if target != nil {
+                why = "the ingress stopped waiting before the reply was decided"
+            }
+            metrics.passiveMissed.increment()
+            logger.info("passive reply not taken", metadata: ["wechat.dedup_key": "\(message.dedupID)", "reason": "\(why)"])
+            if replyMode == .passiveFirst { return .viaAPI }
+            // passive-only: nothing went out; the claim is given back while WeChat's retry is awaited.
+            try await store.releaseClaim(message, worker: id)
+            let held = shard.copyCount(key)
+            // WeChat retries about 5 s after a push it got no answer to; the retry's ingress waits again.
+            let retryDue = (target.map { max($0.msLeft(), 0) } ?? 0) + 7_000
+            guard held < Self.pushesPerMessage, target != nil,
+                await shard.nextCopy(key, beyond: held, upTo: .milliseconds(retryDue)) != nil
+            else {
+                if shard.draining.isSet || stopping.isSet || delivery.isStale { return .finished(.done) }  // goes back with the channel
+                metrics.passiveDropped.increment()
+                logger.warning(
+                    "passive reply dropped: no push of the message took it (passive-only)",
+                    metadata: ["wechat.dedup_key": "\(message.dedupID)", "wechat.pushes": "\(held)"])
+                try await store.markReplied(message, sent: false)
+                try delivery.ack()
+                return .finished(.done)
+            }
+            claimedAt = ContinuousClock.now
+            switch try await store.claim(message, worker: id, fence: fence, lease: claimLease) {
+            case .claimed, .uncertain: continue
+            case .finished:
+                try delivery.ack()
+                return .finished(.done)
+            case .fenced: return .finished(fenced(message, delivery, shard))
+            case .busy: return .finished(.retry("another worker holds this message's claim", counts: false))
+            }
+        }
+    }
+
     /// Records a sent reply, retrying until Redis answers (with backoff up to 2 s); once the
     /// worker is shutting down it gives up after a few more tries and logs the message as
     /// at risk of a second send (only WeChat's retry of the same push could then repeat it).
-    private func markSent(_ message: InboundMessage) async {
+    /// - Parameter viaAPI: false for a passive reply, which uses none of the customer-service quota.
+    private func markSent(_ message: InboundMessage, viaAPI: Bool = true) async {
         var delay: Duration = .milliseconds(50)
         var triesWhileStopping = 0
         while true {
             do {
-                try await store.markReplied(message, sent: true)
+                try await store.markReplied(message, sent: viaAPI)
                 return
             } catch {
                 metrics.markRetries.increment()

@@ -49,7 +49,8 @@ public func buildWorker(
             DecisionService(url: $0, http: http, timeout: .seconds(configuration.decideTimeout), appID: configuration.appID)
         },
         topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics,
-        logger: logger, uncertainSend: configuration.uncertainSend, claimLease: .seconds(configuration.claimLease))
+        logger: logger, uncertainSend: configuration.uncertainSend, claimLease: .seconds(configuration.claimLease),
+        replyMode: configuration.replyMode)
     let app = Application(
         router: buildWorkerRouter(worker: worker, redis: redis), server: RelayHTTP.server(idleTimeout: .seconds(30)),
         configuration: .init(address: .hostname("0.0.0.0", port: configuration.metricsPort)), logger: logger)

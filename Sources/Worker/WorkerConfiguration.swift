@@ -26,6 +26,8 @@ public struct WorkerConfiguration: Sendable {
     public var decideURL: String?
     public var decideTimeout: Int
     public var topology: WeChatTopology
+    /// How replies go out (`WORKER_REPLY_MODE`).
+    public var replyMode: ReplyMode
 
     public init(_ env: RelayEnvironment) throws {
         appID = try env.required("WECHAT_APPID")
@@ -83,6 +85,12 @@ public struct WorkerConfiguration: Sendable {
         uncertainSend = policy
         // Keep it well above the 5 s send timeout: a send is only made within the first half.
         claimLease = try env.int("WORKER_CLAIM_LEASE", default: 30, range: 1...3600)
+        let mode = env.string("WORKER_REPLY_MODE") ?? ReplyMode.customerService.rawValue
+        guard let replyMode = ReplyMode(rawValue: mode) else {
+            throw ConfigurationError(
+                variable: "WORKER_REPLY_MODE", reason: "must be customer-service, passive-first or passive-only, not '\(mode)'")
+        }
+        self.replyMode = replyMode
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
         topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
     }

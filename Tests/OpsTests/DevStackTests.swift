@@ -25,7 +25,7 @@ struct DevStackTests {
     @Test func ctrlCStopsEverythingItStarted() async throws {
         try await withDevRun { run in
             try await run.waitForLine("ready; Ctrl-C stops everything")
-            #expect(run.output.contains("demo │ reply (text): 您好!输入“菜单”查看功能列表"))
+            #expect(run.output.contains("demo │ reply (text, via the customer-service API): 您好!输入“菜单”查看功能列表"))
             let endpoint = try #require(run.value(after: "  WeChat endpoint  "))
             let api = try #require(run.value(after: "  fake WeChat API  "))
             #expect(run.output.contains("logs             \(run.directory)/logs"))
@@ -61,15 +61,16 @@ struct DevStackTests {
     }
 
     /// SIGTERM to the supervisor alone, with the test run's brokers (AMQP_URL, REDIS_URL):
-    /// used, and still running afterwards. With `DEV_DECIDE=1` (`ops/dev --decide`): the demo
-    /// reply comes from the simulator's toy decision service.
+    /// used, and still running afterwards. With `DEV_DECIDE=1` (`ops/dev --decide`) and
+    /// `DEV_PASSIVE=1` (`ops/dev --passive`): the demo reply comes from the simulator's toy
+    /// decision service, in the HTTP response (passive-first).
     @Test(.enabled(if: TestServices.amqpEnabled && TestServices.redisEnabled))
     func sigtermWithReusedBrokersLeavesThemRunning() async throws {
         let amqpURL = try TestServices.amqpURL()
         let redisURL = try TestServices.redisURL()
-        try await withDevRun(reuse: (amqpURL, redisURL), extra: ["DEV_DECIDE=1"]) { run in
+        try await withDevRun(reuse: (amqpURL, redisURL), extra: ["DEV_DECIDE=1", "DEV_PASSIVE=1"]) { run in
             try await run.waitForLine("ready; Ctrl-C stops everything")
-            #expect(run.output.contains("demo │ reply (text): 回声(第1句): 帮助"))
+            #expect(run.output.contains("demo │ reply (text, passive: in the HTTP response): 回声(第1句): 帮助"))
             #expect(run.output.contains("reusing the RabbitMQ and Redis"))
             #expect(!FileManager.default.fileExists(atPath: run.directory + "/services"))
             let started = try run.startedProcesses(ownBrokers: false)
@@ -187,6 +188,8 @@ struct DevSettingsTests {
         #expect(try settings(["DEV_PORT": "0", "DEV_DIR": "x/y"]).directory == Repo.root.path + "/x/y")
         #expect(try settings(["DEV_DECIDE": "1"]).decide && !s.decide)
         #expect(throws: DevSettings.Invalid.self) { try settings(["DEV_DECIDE": "yes"]) }
+        #expect(try settings(["DEV_PASSIVE": "1"]).passive && !s.passive)
+        #expect(throws: DevSettings.Invalid.self) { try settings(["DEV_PASSIVE": "2"]) }
     }
 
     @Test(arguments: ["-1", "65536", "80a", "", "99999999999999999999"])

@@ -45,7 +45,8 @@ struct Stack: Sendable {
         rules: ReplyRules? = nil, concurrency: Int = 16, sessions: RedisPool? = nil,
         retryDelays: [Duration] = RetryTopology.defaultDelays, membership: (interval: Duration, ttl: Duration)? = nil,
         consumingURL: String? = nil, sendTimeout: Duration = .seconds(5), uncertainSend: UncertainSend = .resend,
-        claimLease: Duration = .seconds(30), decideTimeout: Duration? = nil, decideURL: String? = nil
+        claimLease: Duration = .seconds(30), decideTimeout: Duration? = nil, decideURL: String? = nil,
+        handlers: [any MessageHandler] = [], replyMode: ReplyMode = .customerService
     ) async throws -> Worker {
         var config = try AMQPConfiguration(url: consumingURL ?? amqpURL, connectionName: "worker-test")
         config.maxReconnectDelay = .milliseconds(300)
@@ -57,10 +58,10 @@ struct Stack: Sendable {
         let worker = Worker(
             amqp: amqp, publisher: publisher, store: SessionStore(redis: sessions ?? redis, appID: appID, prefix: topology.prefix), sender: Sender(apiURL: apiURL, http: .shared, tokens: tokens, timeout: sendTimeout),
             // With a decision service and no rules given, the service decides everything (as WORKER_DECIDE_URL without WORKER_RULES).
-            rules: rules ?? (decideTimeout == nil ? .defaults : ReplyRules(rules: [])),
+            rules: rules ?? (decideTimeout == nil ? .defaults : ReplyRules(rules: [])), handlers: handlers,
             decisionService: decideTimeout.map { DecisionService(url: decideURL ?? (apiURL + "/sim/decide"), http: .shared, timeout: $0, appID: appID) },
             topology: topology, concurrency: concurrency, metrics: WorkerMetrics(), logger: workerLogger,
-            retryDelays: retryDelays, uncertainSend: uncertainSend, claimLease: claimLease)
+            retryDelays: retryDelays, uncertainSend: uncertainSend, claimLease: claimLease, replyMode: replyMode)
         if let membership { worker.membershipTiming = membership }
         return worker
     }

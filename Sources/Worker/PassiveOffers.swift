@@ -1,0 +1,157 @@
+import AMQP
+import Foundation
+import Logging
+import RelayContract
+import RelayCore
+import Synchronization
+import WeChat
+
+/// How a worker's replies go out (`WORKER_REPLY_MODE`; docs/worker.md, "Passive replies").
+public enum ReplyMode: String, Sendable, CaseIterable {
+    /// Through the customer-service API only (the default).
+    case customerService = "customer-service"
+    /// Offered to the ingress that waits for the push (`INGRESS_REPLY_WAIT`); through the API
+    /// when the ingress did not take it.
+    case passiveFirst = "passive-first"
+    /// Offered to the ingress only, again on WeChat's retries of the push; never the API. A reply
+    /// no push took is dropped and counted.
+    case passiveOnly = "passive-only"
+}
+
+/// Where a push's ingress waits for a passive reply: from its `reply_to`, `correlation_id` and
+/// ``PassiveHandshake/replyByHeader``.
+struct PassiveTarget: Sendable {
+    let queue: String
+    let requestID: String
+    /// When the ingress stops waiting, milliseconds since the Unix epoch.
+    let replyBy: Int64
+
+    init?(_ delivery: AMQPDelivery) {
+        let p = delivery.message.properties
+        guard let queue = p.replyTo, let requestID = p.correlationID,
+            let replyBy = p.headers[PassiveHandshake.replyByHeader]?.intValue
+        else { return nil }
+        self.queue = queue
+        self.requestID = requestID
+        self.replyBy = replyBy
+    }
+
+    /// Milliseconds left before the ingress stops waiting (negative once it has).
+    func msLeft(now: Int64 = Int64(Date().timeIntervalSince1970 * 1000)) -> Int64 { replyBy - now }
+}
+
+/// The worker's side of the passive-reply handshake (``PassiveHandshake``): its verdict queue,
+/// and offers waiting for their verdicts.
+package final class PassiveOffers: Sendable {
+    /// What became of an offer.
+    enum Outcome: Sendable, Equatable {
+        /// The ingress wrote it to WeChat.
+        case taken
+        /// Certainly not sent passively: the ingress declined it, or it never reached one
+        /// (unroutable: the ingress is gone; not published at all).
+        case declined(String)
+        /// No verdict in time: the ingress may or may not have written it (it died, or a
+        /// connection broke, between the two).
+        case unknown(String)
+    }
+
+    let queue: String
+    private let consuming: AMQPConnection
+    private let publisher: AMQPConnection
+    private let logger: Logger
+    private let verdicts = Rendezvous<PassiveHandshake.Verdict>()
+    private let ready = Atomic<Bool>(false)
+
+    init(consuming: AMQPConnection, publisher: AMQPConnection, prefix: String, workerID: String, logger: Logger) {
+        self.consuming = consuming
+        self.publisher = publisher
+        self.queue = PassiveHandshake.workerQueue(prefix: prefix, id: workerID.lowercased())
+        self.logger = logger
+    }
+
+    /// The passive form of a customer-service message, where WeChat has one (text, image,
+    /// voice, video, music, news); `nil` for the rest (menus, cards, mini programs, …).
+    package static func content(for message: CustomerServiceMessage) -> PassiveReply.Content? {
+        switch message.content {
+        case .text(let content): return .text(content)
+        case .image(let id): return .image(mediaID: id)
+        case .voice(let id): return .voice(mediaID: id)
+        case .video(let id, _, let title, let description): return .video(mediaID: id, title: title, description: description)
+        case .music(let title, let description, let url, let hq, let thumb):
+            return .music(title: title, description: description, musicURL: url, hqMusicURL: hq, thumbMediaID: thumb)
+        case .news(let articles): return .news(articles)
+        default: return nil
+        }
+    }
+
+    /// Declares the verdict queue and resolves offers with the verdicts that arrive, until cancelled.
+    func consumeVerdicts() async {
+        while !Task.isCancelled {
+            do {
+                try await consuming.waitUntilConnected()
+                try await consuming.declare(AMQPTopology(queues: [.init(queue, durable: false, exclusive: true)]))
+                let stream = try await consuming.consume(queue: queue, prefetch: 256)
+                ready.store(true, ordering: .releasing)
+                for try await delivery in stream {
+                    try? delivery.ack()
+                    guard let offerID = delivery.message.properties.correlationID,
+                        let verdict = delivery.message.bodyString.flatMap(PassiveHandshake.Verdict.init(rawValue:))
+                    else {
+                        logger.warning("a message on the verdict queue that is no verdict; ignored")
+                        continue
+                    }
+                    verdicts.put(verdict, for: offerID)
+                }
+            } catch is CancellationError {
+                break
+            } catch {
+                if Task.isCancelled { break }
+                logger.warning("cannot consume the passive replies' verdict queue; trying again", metadata: ["error": "\(error)"])
+            }
+            ready.store(false, ordering: .releasing)
+            try? await Task.sleep(for: .seconds(1))
+        }
+        ready.store(false, ordering: .releasing)
+    }
+
+    /// Whether offers can be made now: the verdict queue is consumed (part of the worker's readiness).
+    var isReady: Bool { ready.load(ordering: .acquiring) && consuming.isConnected }
+
+    /// Offers `xml` to the ingress waiting at `target` and waits up to `bound` for its verdict.
+    func offer(_ xml: [UInt8], to target: PassiveTarget, bound: Duration) async -> Outcome {
+        guard isReady else {
+            return .declined("the verdict queue is not consumed (broker connection down); not offered")
+        }
+        let offerID = UUID().uuidString
+        verdicts.open(offerID)
+        do {
+            try await publisher.publish(
+                AMQPMessage(
+                    body: xml,
+                    properties: AMQPProperties(
+                        contentType: "application/xml", persistent: false, correlationID: target.requestID, replyTo: queue,
+                        messageID: offerID)),
+                exchange: "", routingKey: target.queue, mandatory: true, confirmTimeout: max(.milliseconds(100), min(bound, .seconds(2))))
+        } catch let e as AMQPError {
+            switch e.code {
+            case .unroutable:
+                _ = verdicts.close(offerID)
+                return .declined("the ingress that waited for it is gone (its reply queue no longer exists)")
+            case .notConnected, .flowControl, .invalidMessage, .nacked, .exchangeNotFound, .closed:
+                _ = verdicts.close(offerID)
+                return .declined("the offer was not published: \(e.message)")
+            default:
+                // Written, fate unknown (a lost confirm): the ingress may have it; wait for the verdict.
+                logger.info("an offer's publish is uncertain; waiting for its verdict", metadata: ["error": "\(e)"])
+            }
+        } catch {
+            _ = verdicts.close(offerID)
+            return .declined("the offer was not published: \(error)")
+        }
+        switch await verdicts.wait(offerID, for: bound) {
+        case .taken: return .taken
+        case .declined: return .declined("the ingress no longer waited")
+        case nil: return .unknown("no verdict from the ingress within \(bound)")
+        }
+    }
+}
