@@ -74,7 +74,7 @@ let package = Package(
         // headers, Redis keys. Pure Swift, no dependencies: every service and test uses it.
         .target(name: "RelayContract"),
         // The contract's RabbitMQ declarations (`WeChatTopology.inbound`), for the services that use RabbitMQ.
-        .target(name: "RelayAMQP", dependencies: ["AMQP", "RelayContract"]),
+        .target(name: "RelayAMQP", dependencies: ["AMQP", "RelayContract", .product(name: "Logging", package: "swift-log")]),
         .target(
             name: "WeChat",
             dependencies: [

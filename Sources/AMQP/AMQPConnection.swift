@@ -119,6 +119,15 @@ public final class AMQPConnection: Sendable {
         try await run { core, c in core.declare(topology, c) }
     }
 
+    /// Declares on the current connection only, never again after a reconnection: for an
+    /// exclusive queue, which lives and dies with one connection. (Declared again under the same
+    /// name, it could be refused with `RESOURCE_LOCKED` while the broker has not yet noticed that
+    /// the old connection is gone — and a refused declaration fails the whole reconnection.)
+    /// A consumer of such a queue ends after a reconnection (its queue is gone).
+    public func declareForThisConnection(_ topology: AMQPTopology) async throws {
+        try await run { core, c in core.declare(topology, remember: false, c) }
+    }
+
     /// Publishes a message on the shared confirm-mode channel and waits for the broker's confirm.
     ///
     /// Many publishes may be in flight at once; each caller waits only for its own confirm.

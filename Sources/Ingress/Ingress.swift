@@ -78,12 +78,20 @@ public struct IngressHandler: Sendable {
             let body = try await collectBody(request)
             let inbound = try decode(body, query: q)
             // Waiting for a passive reply: the request's slot exists before the publish, so an
-            // offer from a fast worker finds it.
-            let waiting = passive.map { (handshake: $0, id: $0.register()) }
+            // offer from a fast worker finds it. Without a reply queue (the broker connection is
+            // being set up again) a push cannot be waited for: 503, and WeChat pushes it again.
+            var waiting: (handshake: PassiveReplies, queue: String, id: String)?
+            if let passive {
+                guard let queue = passive.queue else {
+                    throw Rejection(
+                        status: .serviceUnavailable, outcome: .unavailable,
+                        reason: "INGRESS_REPLY_WAIT: the reply queue is not consumed yet (RabbitMQ connection being set up)")
+                }
+                waiting = (passive, queue, passive.register())
+            }
             do {
                 try await publish(
-                    inbound, signedQuery: Self.signedQuery(q), receivedAt: receivedAt,
-                    replyTo: waiting.map { ($0.handshake.queue, $0.id) })
+                    inbound, signedQuery: Self.signedQuery(q), receivedAt: receivedAt, replyTo: waiting.map { ($0.queue, $0.id) })
             } catch {
                 if let waiting, let taken = waiting.handshake.abandon(waiting.id) { await waiting.handshake.send(.declined, for: taken) }
                 throw error
@@ -91,10 +99,15 @@ public struct IngressHandler: Sendable {
             metrics.count(.accepted)
             if let waiting {
                 let waitStart = ContinuousClock.now
-                let offer = await waiting.handshake.wait(waiting.id, for: arrived + configuration.replyWait - ContinuousClock.now)
+                let offer = await waiting.handshake.wait(waiting.id, for: arrived + configuration.offerWindow - ContinuousClock.now)
                 metrics.replyWait.recordNanoseconds((ContinuousClock.now - waitStart).wholeNanoseconds)
-                if let offer { return passiveResponse(offer, inbound, query: q, handshake: waiting.handshake) }
+                if let offer { return passiveResponse(offer, inbound, handshake: waiting.handshake) }
                 metrics.passiveTimedOut.increment()
+                // A wait past WeChat's 5 s (passive-only): no more offers are taken (WeChat would
+                // drop the answer), but `success` only comes once WeChat has given up on this push
+                // and retries it; the retry's ingress waits for the reply again.
+                let hold = arrived + configuration.replyWait - ContinuousClock.now
+                if hold > .zero { try? await Task.sleep(for: hold) }
             }
             logger.debug(
                 "message accepted",
@@ -144,6 +157,10 @@ public struct IngressHandler: Sendable {
         var message: InboundMessage
         var xml: [UInt8]
         var mode: String
+        /// For an encrypted push: the Token that signed it and the key that opened it (0 the
+        /// current, 1 the previous, during a rotation): a passive reply is sealed with the same.
+        var token: String? = nil
+        var keyIndex = 0
     }
 
     /// Parses the body; in safe and compatible modes verifies `msg_signature` and decrypts.
@@ -166,21 +183,22 @@ public struct IngressHandler: Sendable {
             throw Rejection.badRequest("encrypt_type=aes but the body has no <Encrypt>")
         }
         guard let timestamp = q.get("timestamp"), let nonce = q.get("nonce"),
-            configuration.tokens.contains(where: {
+            let token = configuration.tokens.first(where: {
                 WeChatSignature.verify(msgSignature, parts: [$0, timestamp, nonce, encrypted])
             })
         else {
             throw Rejection.forbidden("msg_signature does not match")
         }
-        let plain: String
+        let plain: (message: String, keyIndex: Int)
         do {
-            plain = try crypto.decrypt(encrypted)
+            plain = try crypto.decryptReportingKey(encrypted)
         } catch let e as WeChatError {
             throw Rejection.badRequest("cannot decrypt (\(e.code.officialCode)): \(e.message)")
         }
-        let xml = Array(plain.utf8)
+        let xml = Array(plain.message.utf8)
         let mode = root[child: "MsgType"] != nil ? "compatible" : "safe"
-        return Inbound(message: try message(try parse(xml, limits: limits)), xml: xml, mode: mode)
+        return Inbound(
+            message: try message(try parse(xml, limits: limits)), xml: xml, mode: mode, token: token, keyIndex: plain.keyIndex)
     }
 
     private func parse(_ bytes: [UInt8], limits: XMLLimits) throws -> XMLElement {
@@ -223,7 +241,7 @@ public struct IngressHandler: Sendable {
         ]
         if let event = m.event { headers[WeChatTopology.Header.event] = .string(event) }
         if replyTo != nil {
-            headers[PassiveHandshake.replyByHeader] = .int(ms + configuration.replyWait.wholeNanoseconds / 1_000_000)
+            headers[PassiveHandshake.replyByHeader] = .int(ms + configuration.offerWindow.wholeNanoseconds / 1_000_000)
         }
         // message_id is a short string (≤ 255 bytes): the key's fixed-length digest goes there.
         let properties = AMQPProperties(
@@ -270,17 +288,20 @@ public struct IngressHandler: Sendable {
     }
 
     /// The taken offer as the HTTP response: the worker's XML, encrypted when the push was
-    /// (safe or compatible mode). The verdict `taken` goes back once the response is written; a
-    /// response that cannot be written (WeChat hung up) or is never written sends `declined`.
-    private func passiveResponse(_ offer: PassiveReplies.Offer, _ inbound: Inbound, query q: Parameters, handshake: PassiveReplies) -> Response {
+    /// (safe or compatible mode), with the Token and key the push came under. The verdict `taken`
+    /// goes back once the body is written; a body that cannot be written (WeChat hung up), or a
+    /// response never written, sends `declined`; a body written whose end fails gets no verdict
+    /// (WeChat may have read it: the worker counts the send uncertain).
+    private func passiveResponse(_ offer: PassiveReplies.Offer, _ inbound: Inbound, handshake: PassiveReplies) -> Response {
         var body = offer.xml
-        if inbound.mode != "plaintext" {
+        if let token = inbound.token {
             do {
                 guard let crypto = configuration.crypto else { throw WeChatError(.encryptAES, "no WECHAT_AES_KEY") }
                 let nonce = String(UInt64.random(in: 1_000_000_000...9_999_999_999))
                 body = Array(
                     try crypto.encryptedReply(
-                        String(decoding: offer.xml, as: UTF8.self), token: configuration.tokens[0], timestamp: String(now()), nonce: nonce
+                        String(decoding: offer.xml, as: UTF8.self), token: token, timestamp: String(now()), nonce: nonce,
+                        keyIndex: inbound.keyIndex
                     ).utf8)
             } catch {
                 logger.error("cannot encrypt a passive reply; answering success", metadata: ["error": "\(error)"])
@@ -297,9 +318,14 @@ public struct IngressHandler: Sendable {
             body: ResponseBody(contentLength: buffer.readableBytes) { writer in
                 do {
                     try await writer.write(buffer)
-                    try await writer.finish(nil)
                 } catch {
                     await verdict.send(.declined)
+                    throw error
+                }
+                do {
+                    try await writer.finish(nil)
+                } catch {
+                    verdict.withhold()
                     throw error
                 }
                 await verdict.send(.taken)
@@ -356,7 +382,12 @@ public func buildIngressRouter(_ handler: IngressHandler) -> Router<BasicRequest
     router.post("/wechat") { request, _ in await handler.receive(request) }
     router.get("/healthz") { _, _ in IngressHandler.text(.ok, "ok") }
     router.get("/readyz") { _, _ in
-        if handler.amqp.isReady { return IngressHandler.text(.ok, "ready") }
+        if handler.amqp.isReady {
+            if let passive = handler.passive, passive.queue == nil {
+                return IngressHandler.text(.serviceUnavailable, "INGRESS_REPLY_WAIT: the reply queue is not consumed yet")
+            }
+            return IngressHandler.text(.ok, "ready")
+        }
         return IngressHandler.text(
             .serviceUnavailable,
             handler.amqp.isBlocked ? "RabbitMQ blocks publishing (resource alarm)" : "RabbitMQ connection is down")

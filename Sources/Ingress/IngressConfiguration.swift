@@ -28,6 +28,13 @@ public struct IngressConfiguration: Sendable {
     /// How long a push waits, after the confirm, for a passive reply decided by a worker
     /// (`INGRESS_REPLY_WAIT`); zero answers `success` at once.
     public var replyWait: Duration
+    /// How long after a push's arrival offers are taken: `INGRESS_REPLY_WAIT`, but at most 4.5 s,
+    /// since WeChat drops an answer later than its 5 s (counted from before the push arrives).
+    /// A longer wait (passive-only) holds the request without taking offers, so that WeChat gives
+    /// up on it and pushes again, and the retry's ingress waits for the reply.
+    public var offerWindow: Duration { min(replyWait, Self.latestUsefulAnswer) }
+    /// WeChat's 5 s, less a margin for the network and its own clock.
+    public static let latestUsefulAnswer: Duration = .milliseconds(4_500)
 
     /// The three message modes of WeChat's console (明文, 兼容, 安全).
     public enum Encryption: String, Sendable, CaseIterable {

@@ -1,6 +1,7 @@
 import AMQP
 import Foundation
 import Logging
+import RelayAMQP
 import RelayContract
 import RelayCore
 import ServiceLifecycle
@@ -9,11 +10,11 @@ import Synchronization
 /// The ingress's side of the passive-reply handshake (``PassiveHandshake``; docs/worker.md,
 /// "Passive replies"): its reply queue, and the requests waiting for a worker's offer.
 ///
-/// Each waiting request has a slot; the slot's lock is the one arbiter of the race between an
-/// offer and the request's deadline: an offer is *taken* only while the slot still waits, and
-/// once the deadline took the slot every later offer is *declined*. So no timing of the two
-/// sides can answer one push both with a passive reply and `success`, or take an offer the
-/// worker is told was declined.
+/// Each waiting request has a slot (``Rendezvous``); the slot's lock is the one arbiter of the
+/// race between an offer and the request's deadline: an offer is *taken* only while the slot
+/// still waits, and once the deadline closed the slot every later offer is *declined*. So no
+/// timing of the two sides can answer one push both with a passive reply and `success`, or
+/// take an offer the worker is told was declined.
 public final class PassiveReplies: Sendable {
     /// An offer a waiting request took: the reply's plaintext XML, and where its verdict goes.
     struct Offer: Sendable {
@@ -22,21 +23,25 @@ public final class PassiveReplies: Sendable {
         let offerID: String
     }
 
-    /// This process's reply queue: exclusive to its broker connection, so it goes away with
-    /// the process (a worker's offer to it is then unroutable: certainly not taken).
-    public let queue: String
+    /// This process's reply queue: exclusive to its broker connection (a new one after a
+    /// reconnection), so a worker's offer to a queue that went with its process or connection
+    /// is unroutable: certainly not taken.
+    let replies: PrivateQueue
     let amqp: AMQPConnection
     let logger: Logger
     private let waiting = Rendezvous<Offer>()
     private let offersDeclined: @Sendable () -> Void
 
-    /// - Parameter onDeclined: counts an offer that came too late (or twice).
+    /// - Parameter onDeclined: counts an offer that came too late.
     public init(amqp: AMQPConnection, prefix: String, logger: Logger, onDeclined: @escaping @Sendable () -> Void = {}) {
         self.amqp = amqp
-        self.queue = PassiveHandshake.ingressQueue(prefix: prefix, id: UUID().uuidString.lowercased())
+        self.replies = PrivateQueue(amqp: amqp, prefix: PassiveHandshake.ingressQueuePrefix(prefix), logger: logger)
         self.logger = logger
         self.offersDeclined = onDeclined
     }
+
+    /// The reply queue consumed now (nil while the broker connection is down or being set up).
+    public var queue: String? { replies.name }
 
     /// A new request id, whose offers are taken from now until ``wait(_:for:)`` gives up.
     func register() -> String {
@@ -51,9 +56,6 @@ public final class PassiveReplies: Sendable {
 
     /// The request ends without waiting (its publish failed): returns an offer it took, to decline.
     func abandon(_ id: String) -> Offer? { waiting.close(id) }
-
-    /// An offer for request `id`: taken if the request still waits.
-    func take(_ offer: Offer, for id: String) -> Bool { waiting.put(offer, for: id) }
 
     /// Tells the offering worker what became of its offer.
     func send(_ verdict: PassiveHandshake.Verdict, for offer: Offer) async {
@@ -71,54 +73,39 @@ public final class PassiveReplies: Sendable {
         }
     }
 
-    /// Declares the reply queue and answers offers until graceful shutdown.
-    func consume() async throws {
-        try await amqp.declare(
-            AMQPTopology(queues: [.init(queue, durable: false, exclusive: true, autoDelete: false)]))
-        let offers = try await amqp.consume(queue: queue, prefetch: 256)
-        for try await delivery in offers {
-            try? delivery.ack()
-            let p = delivery.message.properties
-            guard let id = p.correlationID, let verdictQueue = p.replyTo, let offerID = p.messageID else {
-                logger.warning("an offer without correlation_id, reply_to or message_id on the reply queue; ignored")
-                continue
-            }
-            let offer = Offer(xml: delivery.message.body, verdictQueue: verdictQueue, offerID: offerID)
-            if !take(offer, for: id) {
-                offersDeclined()
-                await send(.declined, for: offer)
-            }
+    /// One delivery of the reply queue: an offer, taken if its request still waits, else declined
+    /// (in the background, so that a slow publish holds up no other offer). A redelivered offer
+    /// that is not taken is ignored: the first delivery of it was already answered.
+    private func received(_ delivery: AMQPDelivery) {
+        let p = delivery.message.properties
+        guard let id = p.correlationID, let verdictQueue = p.replyTo, let offerID = p.messageID else {
+            logger.warning("an offer without correlation_id, reply_to or message_id on the reply queue; ignored")
+            return
         }
+        let offer = Offer(xml: delivery.message.body, verdictQueue: verdictQueue, offerID: offerID)
+        guard !waiting.put(offer, for: id), !delivery.redelivered else { return }
+        offersDeclined()
+        Task { await send(.declined, for: offer) }
     }
 }
 
 extension PassiveReplies: Service {
-    /// Consumes the reply queue until graceful shutdown (retrying while the broker is unreachable).
+    /// Consumes the reply queue until graceful shutdown.
     public func run() async throws {
         await cancelWhenGracefulShutdown {
-            while !Task.isCancelled {
-                do {
-                    try await self.amqp.waitUntilConnected()
-                    try await self.consume()
-                } catch is CancellationError {
-                    return
-                } catch {
-                    if Task.isCancelled { return }
-                    self.logger.warning("passive replies: cannot consume the reply queue; trying again", metadata: ["error": "\(error)"])
-                }
-                try? await Task.sleep(for: .seconds(1))
-            }
+            await self.replies.consume { delivery in self.received(delivery) }
         }
     }
 }
 
-/// The verdict of one taken offer, sent once: `taken` after the response was written,
-/// `declined` if writing failed — or if the response is dropped unwritten (the connection
-/// closed before Hummingbird started it), which this object's deinit sends.
+/// The verdict of one taken offer, given at most once: `taken` once the response was written,
+/// `declined` when it could not be written (nothing reached WeChat) — or when the response is
+/// dropped unwritten (the connection closed before Hummingbird started it), which this
+/// object's deinit sends. ``withhold()`` gives none: the worker then counts the send uncertain.
 final class VerdictOnce: Sendable {
     private let offer: PassiveReplies.Offer
     private let handshake: PassiveReplies
-    private let sent = Atomic<Bool>(false)
+    private let given = Atomic<Bool>(false)
 
     init(offer: PassiveReplies.Offer, handshake: PassiveReplies) {
         self.offer = offer
@@ -126,12 +113,15 @@ final class VerdictOnce: Sendable {
     }
 
     func send(_ verdict: PassiveHandshake.Verdict) async {
-        guard !sent.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        guard !given.exchange(true, ordering: .acquiringAndReleasing) else { return }
         await handshake.send(verdict, for: offer)
     }
 
+    /// No verdict: whether WeChat got the reply is unknown.
+    func withhold() { given.store(true, ordering: .releasing) }
+
     deinit {
-        guard !sent.load(ordering: .acquiring) else { return }
+        guard !given.load(ordering: .acquiring) else { return }
         let (offer, handshake) = (offer, handshake)
         Task { await handshake.send(.declined, for: offer) }
     }

@@ -2,7 +2,7 @@
 /// (`INGRESS_REPLY_WAIT`) and a worker that offers (`WORKER_REPLY_MODE`), over RabbitMQ.
 /// The protocol and its cases are in docs/worker.md, "Passive replies".
 ///
-/// 1. The ingress publishes a push with `reply_to` = its reply queue, `correlation_id` = a
+/// 1. The ingress publishes a push with `reply_to` = its reply queue (``ingressQueuePrefix(_:)``), `correlation_id` = a
 ///    request id of its own, and ``replyByHeader`` = the moment (ms since the epoch) it stops waiting.
 /// 2. A worker holding the message's claim publishes an *offer* to that queue (default
 ///    exchange, mandatory): the passive reply's plaintext XML, `correlation_id` = the request id,
@@ -14,11 +14,12 @@ public enum PassiveHandshake {
     /// On a push the ingress waits for: when it stops waiting, milliseconds since the Unix epoch.
     public static let replyByHeader = "x-relay-reply-by-ms"
 
-    /// An ingress's reply queue (exclusive to its connection, so it vanishes with it).
-    public static func ingressQueue(prefix: String, id: String) -> String { "\(prefix).reply.\(id)" }
+    /// An ingress's reply queues are `<this>.<uuid>`: exclusive to its connection (a new one
+    /// after every reconnection), so a queue vanishes with its connection or process.
+    public static func ingressQueuePrefix(_ prefix: String) -> String { "\(prefix).reply" }
 
-    /// A worker's verdict queue (exclusive to its consuming connection).
-    public static func workerQueue(prefix: String, id: String) -> String { "\(prefix).verdict.\(id)" }
+    /// A worker's verdict queues are `<this>.<uuid>`, exclusive to its consuming connection.
+    public static func workerQueuePrefix(_ prefix: String) -> String { "\(prefix).verdict" }
 
     /// The ingress's answer to an offer, in the verdict's body.
     public enum Verdict: String, Sendable {

@@ -23,14 +23,23 @@ public final class Rendezvous<Value: Sendable>: Sendable {
     }
 
     /// Waits up to `bound` for the value of `id` (one accepted before the wait is returned at
-    /// once). `nil` when the deadline came first; the slot is then closed.
+    /// once). `nil` when the deadline came first, or the waiting task was cancelled; the slot
+    /// is then closed.
     public func wait(_ id: String, for bound: Duration) async -> Value? {
         let timer = Task {
             try? await Task.sleep(for: bound)
             self.expire(id)
         }
         defer { timer.cancel() }
-        return await withCheckedContinuation { (c: CheckedContinuation<Value?, Never>) in
+        return await withTaskCancellationHandler {
+            await waitForValue(id)
+        } onCancel: {
+            self.expire(id)
+        }
+    }
+
+    private func waitForValue(_ id: String) async -> Value? {
+        await withCheckedContinuation { (c: CheckedContinuation<Value?, Never>) in
             let now: Value?? = slots.withLock { s in
                 guard var slot = s[id] else { return .some(nil) }  // closed by the deadline already
                 if let value = slot.value {

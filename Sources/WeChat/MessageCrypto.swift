@@ -52,7 +52,11 @@ public struct WeChatMessageCrypto: Sendable {
     /// Encrypts a message (normally reply XML) to the Base64 `Encrypt` text.
     /// - Parameter random: the 16 random bytes at the start of the frame; fresh random bytes
     ///   when `nil` (pass fixed bytes to reproduce test vectors).
-    public func encrypt(_ message: String, random: [UInt8]? = nil) throws -> String {
+    /// - Parameter keyIndex: 0 for the current key, 1 for the previous one (a reply to a push
+    ///   that came under the previous key, during a rotation; see ``decryptReportingKey(_:)``).
+    public func encrypt(_ message: String, random: [UInt8]? = nil, keyIndex: Int = 0) throws -> String {
+        guard keys.indices.contains(keyIndex) else { throw WeChatError(.encryptAES, "no key number \(keyIndex)") }
+        let key = keys[keyIndex]
         let prefix = random ?? (0..<16).map { _ in UInt8.random(in: 0...255) }
         guard prefix.count == 16 else { throw WeChatError(.encryptAES, "the random prefix must be 16 bytes") }
         let msg = Array(message.utf8)
@@ -66,7 +70,7 @@ public struct WeChatMessageCrypto: Sendable {
         let pad = 32 - frame.count % 32
         frame += [UInt8](repeating: UInt8(pad), count: pad)
         do {
-            let cipher = try AES._CBC.encrypt(frame, using: keys[0].symmetric, iv: keys[0].iv, noPadding: true)
+            let cipher = try AES._CBC.encrypt(frame, using: key.symmetric, iv: key.iv, noPadding: true)
             return cipher.base64EncodedString()
         } catch {
             throw WeChatError(.encryptAES, "AES encryption failed")
@@ -78,7 +82,10 @@ public struct WeChatMessageCrypto: Sendable {
     /// Tries the current key first, then the previous one; if both fail, throws the current key's error.
     /// - Throws: ``WeChatError`` with `decodeBase64`, `decryptAES`, `invalidPadding`,
     ///   `illegalBuffer` or `validateAppID`.
-    public func decrypt(_ encrypted: String) throws -> String {
+    public func decrypt(_ encrypted: String) throws -> String { try decryptReportingKey(encrypted).message }
+
+    /// As ``decrypt(_:)``, and which key opened it: 0 the current, 1 the previous.
+    public func decryptReportingKey(_ encrypted: String) throws -> (message: String, keyIndex: Int) {
         guard let data = Data(base64Encoded: encrypted) else {
             throw WeChatError(.decodeBase64, "Encrypt is not valid Base64")
         }
@@ -86,9 +93,9 @@ public struct WeChatMessageCrypto: Sendable {
             throw WeChatError(.decryptAES, "ciphertext of \(data.count) bytes is not a whole number of AES blocks")
         }
         var firstError: WeChatError?
-        for key in keys {
+        for (i, key) in keys.enumerated() {
             do {
-                return try open(data, key)
+                return (try open(data, key), i)
             } catch let e as WeChatError {
                 if firstError == nil { firstError = e }
             }
@@ -126,9 +133,9 @@ public struct WeChatMessageCrypto: Sendable {
 
     /// Builds the passive encrypted reply envelope: `<xml><Encrypt/><MsgSignature/><TimeStamp/><Nonce/></xml>`.
     public func encryptedReply(
-        _ replyXML: String, token: String, timestamp: String, nonce: String, random: [UInt8]? = nil
+        _ replyXML: String, token: String, timestamp: String, nonce: String, random: [UInt8]? = nil, keyIndex: Int = 0
     ) throws -> String {
-        let encrypted = try encrypt(replyXML, random: random)
+        let encrypted = try encrypt(replyXML, random: random, keyIndex: keyIndex)
         let signature = WeChatSignature.messageSignature(
             token: token, timestamp: timestamp, nonce: nonce, encrypted: encrypted)
         var xml = XMLBuilder()

@@ -1,9 +1,9 @@
 import AMQP
 import Foundation
 import Logging
+import RelayAMQP
 import RelayContract
 import RelayCore
-import Synchronization
 import WeChat
 
 /// How a worker's replies go out (`WORKER_REPLY_MODE`; docs/worker.md, "Passive replies").
@@ -55,17 +55,17 @@ package final class PassiveOffers: Sendable {
         case unknown(String)
     }
 
-    let queue: String
+    /// The verdict queue: exclusive to the consuming connection (a new one after a reconnection).
+    private let verdictQueue: PrivateQueue
     private let consuming: AMQPConnection
     private let publisher: AMQPConnection
     private let logger: Logger
     private let verdicts = Rendezvous<PassiveHandshake.Verdict>()
-    private let ready = Atomic<Bool>(false)
 
-    init(consuming: AMQPConnection, publisher: AMQPConnection, prefix: String, workerID: String, logger: Logger) {
+    init(consuming: AMQPConnection, publisher: AMQPConnection, prefix: String, logger: Logger) {
         self.consuming = consuming
         self.publisher = publisher
-        self.queue = PassiveHandshake.workerQueue(prefix: prefix, id: workerID.lowercased())
+        self.verdictQueue = PrivateQueue(amqp: consuming, prefix: PassiveHandshake.workerQueuePrefix(prefix), logger: logger)
         self.logger = logger
     }
 
@@ -84,42 +84,24 @@ package final class PassiveOffers: Sendable {
         }
     }
 
-    /// Declares the verdict queue and resolves offers with the verdicts that arrive, until cancelled.
+    /// Consumes the verdict queue and resolves offers with the verdicts that arrive, until cancelled.
     func consumeVerdicts() async {
-        while !Task.isCancelled {
-            do {
-                try await consuming.waitUntilConnected()
-                try await consuming.declare(AMQPTopology(queues: [.init(queue, durable: false, exclusive: true)]))
-                let stream = try await consuming.consume(queue: queue, prefetch: 256)
-                ready.store(true, ordering: .releasing)
-                for try await delivery in stream {
-                    try? delivery.ack()
-                    guard let offerID = delivery.message.properties.correlationID,
-                        let verdict = delivery.message.bodyString.flatMap(PassiveHandshake.Verdict.init(rawValue:))
-                    else {
-                        logger.warning("a message on the verdict queue that is no verdict; ignored")
-                        continue
-                    }
-                    verdicts.put(verdict, for: offerID)
-                }
-            } catch is CancellationError {
-                break
-            } catch {
-                if Task.isCancelled { break }
-                logger.warning("cannot consume the passive replies' verdict queue; trying again", metadata: ["error": "\(error)"])
+        await verdictQueue.consume { [logger, verdicts] delivery in
+            guard let offerID = delivery.message.properties.correlationID,
+                let verdict = delivery.message.bodyString.flatMap(PassiveHandshake.Verdict.init(rawValue:))
+            else {
+                return logger.warning("a message on the verdict queue that is no verdict; ignored")
             }
-            ready.store(false, ordering: .releasing)
-            try? await Task.sleep(for: .seconds(1))
+            verdicts.put(verdict, for: offerID)
         }
-        ready.store(false, ordering: .releasing)
     }
 
     /// Whether offers can be made now: the verdict queue is consumed (part of the worker's readiness).
-    var isReady: Bool { ready.load(ordering: .acquiring) && consuming.isConnected }
+    var isReady: Bool { verdictQueue.name != nil && consuming.isConnected }
 
     /// Offers `xml` to the ingress waiting at `target` and waits up to `bound` for its verdict.
     func offer(_ xml: [UInt8], to target: PassiveTarget, bound: Duration) async -> Outcome {
-        guard isReady else {
+        guard let queue = verdictQueue.name, consuming.isConnected else {
             return .declined("the verdict queue is not consumed (broker connection down); not offered")
         }
         let offerID = UUID().uuidString

@@ -147,7 +147,7 @@ final class ShardRunner: Sendable {
                 for try await delivery in consumer {
                     let user = delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? ""
                     // A copy of a message whose job is in hand goes to that job (passive modes).
-                    let copyKey = worker.offers == nil ? nil : delivery.message.properties.messageID
+                    let copyKey = worker.offers == nil ? nil : Self.copyKey(delivery)
                     if let copyKey, !admit(copyKey, delivery) { continue }
                     await turns.waitUntilFewer(than: Self.maxQueuedPerUser, for: user)
                     // Handing over: not processed, not acked; closing the channel returns it in order.
@@ -172,6 +172,14 @@ final class ShardRunner: Sendable {
         }
     }
 
+    /// Which job's copies a delivery belongs to: its message, on its connection. A delivery of
+    /// the same message on a newer connection (the broker redelivering it after a break) is not a
+    /// copy: the job of the first one is stale and gives it up, so the redelivery needs a job of
+    /// its own — held as a copy, it would be acked with the stale job's end and lost.
+    static func copyKey(_ delivery: AMQPDelivery) -> String? {
+        delivery.message.properties.messageID.map { "\($0)#\(delivery.connectionGeneration)" }
+    }
+
     /// Whether `delivery` starts a job of its own: false when a job for the same message is in
     /// hand, which now holds it as a later copy.
     private func admit(_ key: String, _ delivery: AMQPDelivery) -> Bool {
@@ -189,9 +197,10 @@ final class ShardRunner: Sendable {
         copies.withLock { $0.removeValue(forKey: key) ?? [] }
     }
 
-    /// The job of `key` ended: its later copies are acknowledged. They are duplicates: the
-    /// first copy was answered (acked), or went back to the queue (a hand-over), or to the dead
-    /// letters, and carries the message either way.
+    /// The job of `key` ended: its later copies are acknowledged. They are duplicates on the
+    /// same connection: the first copy was answered (acked), or went back to the queue (a
+    /// hand-over), or to the dead letters, and carries the message either way. (On a broken
+    /// connection the acks fail, and the broker has them all back.)
     private func ackCopies(_ key: String) {
         for copy in finishCopies(key) { try? copy.ack() }
     }

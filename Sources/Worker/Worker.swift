@@ -201,7 +201,7 @@ public final class Worker: Sendable {
         self.replyMode = replyMode
         offers =
             replyMode == .customerService
-            ? nil : PassiveOffers(consuming: amqp, publisher: publisher, prefix: topology.prefix, workerID: id, logger: logger)
+            ? nil : PassiveOffers(consuming: amqp, publisher: publisher, prefix: topology.prefix, logger: logger)
     }
 
     /// Whether the worker is taking part (for `/readyz`): connected, running its shard
@@ -524,6 +524,7 @@ public final class Worker: Sendable {
         }
         // At most one sender at a time: claim it (with our fence) right before the send.
         var start = ContinuousClock.now
+        var claimWasUncertain = false
         claiming: while true {
             // Counted from before the claim: a pause between Redis granting it and us reading the
             // answer must count against it.
@@ -539,6 +540,7 @@ public final class Worker: Sendable {
             case .claimed:
                 break claiming
             case .uncertain:
+                claimWasUncertain = true
                 metrics.uncertain.increment()
                 logger.warning(
                     "an earlier send of this message may have reached WeChat (its sender stopped before recording it)",
@@ -572,7 +574,7 @@ public final class Worker: Sendable {
             }
             // passive-first: not taken, so the API sends it, under the same claim.
             if isPaused {
-                try await store.releaseClaim(message, worker: id)
+                if !claimWasUncertain { try await store.releaseClaim(message, worker: id) }
                 await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
                 return .done
             }
@@ -665,6 +667,9 @@ public final class Worker: Sendable {
 
     /// WeChat pushes a message at most three times (the first push and two retries).
     static let pushesPerMessage = 3
+    /// How long past the ingress's deadline an offer's verdict is awaited (its clock may differ
+    /// from ours, and the verdict travels after the response is written).
+    static let verdictMargin: Duration = .seconds(2)
 
     /// Offers the reply, under this worker's claim, to the ingress waiting for the latest copy
     /// of the push (docs/worker.md, "Passive replies"). Taken: marked sent, acked. Not taken:
@@ -678,19 +683,26 @@ public final class Worker: Sendable {
         fence: SessionStore.Fence, claimedAt: ContinuousClock.Instant
     ) async throws -> PassiveEnd {
         guard let offers else { return .viaAPI }
-        let key = delivery.message.properties.messageID ?? message.dedupID
+        let key = ShardRunner.copyKey(delivery) ?? message.dedupID
         var claimedAt = claimedAt
         while true {
             let copy = shard.latestCopy(key) ?? delivery
             let target = PassiveTarget(copy)
+            var uncertainKept = false
             var why = "the push was not waited for (the ingress's INGRESS_REPLY_WAIT is 0)"
-            if let target, target.msLeft() > 50 {
+            // The verdict is awaited until the ingress's deadline and a margin (its clock may
+            // differ a little from ours), within the first half of the claim's lease; an offer
+            // with less time than that left is not made (it could be taken after we stopped waiting).
+            let budget = claimLease / 2 - (ContinuousClock.now - claimedAt)
+            let bound = target.map { Duration.milliseconds($0.msLeft()) + Self.verdictMargin } ?? .zero
+            if let target, target.msLeft() > 50, bound <= budget {
                 let xml = Array(
                     PassiveReply(replyingTo: message, createTime: Int64(Date().timeIntervalSince1970), content: content).xml.utf8)
-                // Until the ingress's deadline and a margin for its verdict, and well within the claim.
-                let budget = claimLease / 2 - (ContinuousClock.now - claimedAt)
-                let bound = max(.milliseconds(100), min(.milliseconds(target.msLeft()) + .seconds(2), budget))
-                switch await offers.offer(xml, to: target, bound: bound) {
+                let outcome = await offers.offer(xml, to: target, bound: bound)
+                // A hand-over's deadline or shutdown cut the wait: the claim stays (its expiry makes
+                // the next owner treat the send as uncertain), the delivery goes back unacked.
+                if Task.isCancelled { return .finished(.done) }
+                switch outcome {
                 case .taken:
                     await markSent(message, viaAPI: false)
                     metrics.replied.increment()
@@ -712,16 +724,23 @@ public final class Worker: Sendable {
                         try delivery.ack()
                         return .finished(.done)
                     }
-                    why = reason
+                    // resend: by the API (passive-first), or to WeChat's next push (passive-only,
+                    // keeping the claim, so that a death meanwhile still leaves the send uncertain).
+                    if replyMode == .passiveFirst { return .viaAPI }
+                    uncertainKept = true
                 }
             } else if target != nil {
-                why = "the ingress stopped waiting before the reply was decided"
+                why = target.map { $0.msLeft() > 50 } == true
+                    ? "the claim's lease leaves too little time to wait for the verdict (WORKER_CLAIM_LEASE)"
+                    : "the ingress stopped waiting before the reply was decided"
             }
-            metrics.passiveMissed.increment()
-            logger.info("passive reply not taken", metadata: ["wechat.dedup_key": "\(message.dedupID)", "reason": "\(why)"])
+            if !uncertainKept {
+                metrics.passiveMissed.increment()
+                logger.info("passive reply not taken", metadata: ["wechat.dedup_key": "\(message.dedupID)", "reason": "\(why)"])
+            }
             if replyMode == .passiveFirst { return .viaAPI }
-            // passive-only: nothing went out; the claim is given back while WeChat's retry is awaited.
-            try await store.releaseClaim(message, worker: id)
+            // passive-only: nothing went out (or, uncertain, it keeps its claim); WeChat's retry is awaited.
+            if !uncertainKept { try await store.releaseClaim(message, worker: id) }
             let held = shard.copyCount(key)
             // WeChat retries about 5 s after a push it got no answer to; the retry's ingress waits again.
             let retryDue = (target.map { max($0.msLeft(), 0) } ?? 0) + 7_000

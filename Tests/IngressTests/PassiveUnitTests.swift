@@ -30,6 +30,15 @@ struct PassiveUnitTests {
         #expect(!r.put(1, for: "never-opened"))
     }
 
+    @Test func aCancelledWaitClosesTheSlot() async {
+        let r = Rendezvous<Int>()
+        r.open("a")
+        let waiting = Task { await r.wait("a", for: .seconds(600)) }
+        waiting.cancel()
+        #expect(await waiting.value == nil)
+        #expect(!r.put(1, for: "a"))
+    }
+
     @Test func closingReturnsAValueAlreadyAccepted() {
         let r = Rendezvous<Int>()
         r.open("a")

@@ -73,10 +73,10 @@ extension ConnectionCore {
         knownExchanges.formUnion(t.exchanges.map(\.name))
     }
 
-    func declare(_ t: AMQPTopology, _ done: Reply<Void>) {
+    func declare(_ t: AMQPTopology, remember: Bool = true, _ done: Reply<Void>) {
         do {
             try onWire { try declare(t, on: $0) }
-            rememberTopology(t)
+            if remember { rememberTopology(t) }
             done.resume()
         } catch {
             done.resume(throwing: error)
