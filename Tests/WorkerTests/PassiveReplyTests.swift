@@ -47,18 +47,21 @@ struct TestIngress: Sendable {
     }
 }
 
-func withIngress(_ s: Stack, wait: String, _ body: @escaping @Sendable (TestIngress) async throws -> Void) async throws {
+func withIngress(
+    _ s: Stack, wait: String, extra: [String: String] = [:], consumeReplies: Bool = true,
+    _ body: @escaping @Sendable (TestIngress) async throws -> Void
+) async throws {
     let env = [
         "WECHAT_APPID": s.appID, "WECHAT_TOKEN": "tok", "AMQP_URL": s.amqpURL, "WECHAT_AES_KEY": passiveKey, "INGRESS_REPLY_WAIT": wait,
         "WECHAT_QUEUE_PREFIX": s.topology.prefix,
-    ]
+    ].merging(extra) { $1 }
     var configuration = try IngressConfiguration(RelayEnvironment(env))
     configuration.topology = s.topology
     let amqp = try await AMQPConnection.connect(configuration: configuration.amqp, topology: s.topology.inbound, logger: workerLogger)
     let handler = IngressHandler(configuration: configuration, amqp: amqp, metrics: IngressMetrics(), logger: workerLogger)
     let passive = try #require(handler.passive)
-    let consuming = Task { try await passive.run() }
-    try await eventually("the ingress's reply queue to be consumed") { passive.queue != nil }
+    let consuming = Task { if consumeReplies { try await passive.run() } }
+    if consumeReplies { try await eventually("the ingress's reply queue to be consumed") { passive.queue != nil } }
     let app = Application(router: buildIngressRouter(handler), configuration: .init(address: .hostname("127.0.0.1", port: 0)), logger: workerLogger)
     do {
         try await app.test(.live) { client in
@@ -315,6 +318,55 @@ extension PassiveReplyTests {
             #expect(workerMetric(w, #"wechat_worker_messages_total{outcome="uncertain"}"#) == 1)
             #expect(s.platform.messages(touser: "oMute").count == 1)
         }
+    }
+}
+
+extension PassiveReplyTests {
+    /// During a rotation (`WECHAT_PREVIOUS_TOKEN`, `WECHAT_PREVIOUS_AES_KEY`) a push signed and
+    /// encrypted with the old Token and key is answered with the old ones, which WeChat still
+    /// uses; one with the new ones with the new ones.
+    @Test func aPassiveReplyIsSealedWithTheKeysThePushCameUnder() async throws {
+        try await withStack { s in
+            let w = try await s.worker(replyMode: .passiveFirst)
+            let oldKey = "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkA"
+            try await running([w]) {
+                try await eventually("the worker to be ready") { w.isConsuming }
+                try await withIngress(s, wait: "3", extra: ["WECHAT_PREVIOUS_TOKEN": "oldtok", "WECHAT_PREVIOUS_AES_KEY": oldKey]) { ingress in
+                    var old = Pusher(
+                        ingressURL: "http://127.0.0.1:\(ingress.port)/wechat", appID: s.appID, token: "oldtok", aesKey: try EncodingAESKey(oldKey),
+                        accountID: "gh_test", mode: .safe)
+                    old.tries = 1
+                    let result = try await old.push(try pushXML("帮助", from: "oRotate"), openID: "oRotate")
+                    // Read as WeChat still configured with the old Token and key reads it.
+                    #expect(try old.passiveReply(in: result.body)?[child: "Content"]?.text == help)
+                    let current = try await ingress.pusher(.safe).push(try pushXML("帮助", from: "oRotate2"), openID: "oRotate2")
+                    #expect(try passiveText(current.body, appID: s.appID) == help)
+                }
+            }
+        }
+    }
+
+    /// Without its reply queue (its broker connection being set up) the ingress cannot wait for
+    /// a reply: it answers 503 (WeChat pushes again) and is not ready; nothing is published.
+    @Test func withoutItsReplyQueueTheIngressAnswers503() async throws {
+        try await withStack { s in
+            try await withIngress(s, wait: "3", consumeReplies: false) { ingress in
+                let result = try await ingress.pusher(.plaintext, tries: 1).push(try pushXML("帮助", from: "oNoQueue"), openID: "oNoQueue")
+                #expect(result.status == 503)
+                let ready = try await HTTPClient.shared.execute(HTTPClientRequest(url: "http://127.0.0.1:\(ingress.port)/readyz"), timeout: .seconds(5))
+                #expect(ready.status.code == 503)
+            }
+            let queued = try await (0..<s.topology.shardCount).asyncMap { try await s.pusher.queueInfo(s.topology.shardQueue($0)).messageCount }
+            #expect(queued.reduce(0, +) == 0)
+        }
+    }
+}
+
+extension Sequence {
+    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var out: [T] = []
+        for e in self { out.append(try await transform(e)) }
+        return out
     }
 }
 
