@@ -42,6 +42,8 @@ public struct BenchReport: Codable, Sendable {
     /// Pushes not answered `success`, by kind (`http_503`, `no_answer`, …).
     public var errors: [String: Int]
     public var replies: Int
+    /// Of `replies`, those that came in the HTTP response (passive replies, `INGRESS_REPLY_WAIT`).
+    public var passiveReplies: Int = 0
     /// Accepted but never replied to.
     public var lost: Int
     /// Replies beyond one per accepted push.
@@ -70,6 +72,9 @@ public final class BenchRunner: Sendable {
         var errors: [String: Int] = [:]
         /// Scheduled times (ms) of accepted pushes, per user, in push order.
         var sentAt: [String: [Int64]] = [:]
+        /// Passive replies (in the push's response) per user, ms since the epoch.
+        var passiveAt: [String: [Int64]] = [:]
+        var passive = 0
         var ingress = Histogram<UInt64>(highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: .three)
     }
 
@@ -118,7 +123,7 @@ public final class BenchRunner: Sendable {
         // `waitForMessages` cannot be abandoned at a timeout, so it is not used here).
         let expected = state.withLock { $0.accepted }
         let deadline = ContinuousClock.now + settings.drainTimeout
-        while platform.messages().count < expected, ContinuousClock.now < deadline {
+        while platform.messages().count + state.withLock({ $0.passive }) < expected, ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(100))
         }
         ticker.cancel()
@@ -134,12 +139,19 @@ public final class BenchRunner: Sendable {
             platform.userPushed(openID: user, msgType: "text", event: nil)
             let result = try await pusher.push(xml, openID: user, client: client)
             let elapsed = ContinuousClock.now - scheduled
+            // A passive reply is the answer itself (read as WeChat would: signature, decryption).
+            let passive = result.status == 200 && (try? pusher.passiveReply(in: result.body)) != nil
+            let answeredMs = Int64(Date().timeIntervalSince1970 * 1000)
             state.withLock { s in
                 s.pushed += 1
                 _ = s.ingress.record(UInt64(max(0, elapsed.microseconds)))
-                if result.status == 200, result.body == "success" {
+                if result.status == 200, result.body == "success" || passive {
                     s.accepted += 1
                     s.sentAt[user, default: []].append(scheduledMs)
+                    if passive {
+                        s.passive += 1
+                        s.passiveAt[user, default: []].append(answeredMs)
+                    }
                 } else {
                     s.errors["http_\(result.status)", default: 0] += 1
                 }
@@ -160,7 +172,8 @@ public final class BenchRunner: Sendable {
             var lost = 0, duplicated = 0
             var e2e = Histogram<UInt64>(highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: .three)
             for (user, sent) in s.sentAt {
-                let got = byUser[user] ?? []
+                // Both channels, in the order the replies came.
+                let got = ((byUser[user] ?? []) + (s.passiveAt[user] ?? [])).sorted()
                 lost += max(0, sent.count - got.count)
                 duplicated += max(0, got.count - sent.count)
                 // Replies to one user come in push order: the i-th reply answers the i-th push.
@@ -168,7 +181,7 @@ public final class BenchRunner: Sendable {
             }
             for (user, got) in byUser where s.sentAt[user] == nil { duplicated += got.count }
             return BenchReport(
-                pushed: s.pushed, accepted: s.accepted, errors: s.errors, replies: replies.count, lost: lost,
+                pushed: s.pushed, accepted: s.accepted, errors: s.errors, replies: replies.count + s.passive, passiveReplies: s.passive, lost: lost,
                 duplicated: duplicated, refusedByAPI: refused, seconds: pushingSeconds, throughput: Double(s.accepted) / pushingSeconds,
                 ingressLatencyMs: Self.latency(s.ingress), pushToReplyMs: Self.latency(e2e))
         }

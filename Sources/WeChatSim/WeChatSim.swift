@@ -297,7 +297,7 @@ struct BenchCommand: AsyncParsableCommand {
         }
         return """
             pushed \(r.pushed), accepted \(r.accepted) in \(String(format: "%.1f", r.seconds)) s (\(String(format: "%.0f", r.throughput))/s); errors \(r.errors)
-            replies \(r.replies): lost \(r.lost), duplicated \(r.duplicated); refused by the fake API: \(r.refusedByAPI)
+            replies \(r.replies) (passive, in the HTTP response: \(r.passiveReplies)): lost \(r.lost), duplicated \(r.duplicated); refused by the fake API: \(r.refusedByAPI)
             ingress response:  \(l(r.ingressLatencyMs))
             push to reply:     \(l(r.pushToReplyMs))
             """

@@ -81,6 +81,8 @@ public struct SessionStore: Sendable {
         public var decision: ReplyRules.Decision?
         /// Whether an earlier attempt already finished (replied or decided not to).
         public var replied: Bool
+        /// Finished with a passive reply (its decision is then returned too).
+        public var repliedPassively: Bool = false
         /// The signed query it came with was already used by a different message: a replay
         /// of a seen URL with another body. Never processed.
         public var replayedQuery: Bool = false
@@ -105,7 +107,7 @@ public struct SessionStore: Sendable {
           if not owner then redis.call('SET', q, ARGV[8], 'EX', ARGV[9]) end
         end
         local replied = redis.call('HGET', rec, 'replied')
-        if replied then return {0, '', '', replied} end
+        if replied then return {0, '', replied == 'p' and (redis.call('HGET', rec, 'decision') or '') or '', replied} end
         local snap = redis.call('HGET', rec, 'snapshot')
         if snap then
           return {0, snap, redis.call('HGET', rec, 'decision') or '', ''}
@@ -157,9 +159,15 @@ public struct SessionStore: Sendable {
     // without covering the first one.
     private static let markRepliedScript = RedisScript(
         """
-        if redis.call('HSETNX', KEYS[1], 'replied', '1') == 1 then
+        if redis.call('HSETNX', KEYS[1], 'replied', ARGV[3]) == 1 then
           if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[2], 'cs_sent', 1) end
-          redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
+          -- A passive reply keeps its decision: WeChat's retry of the push (it got no answer in
+          -- time) is offered it again.
+          if ARGV[3] == 'p' then
+            redis.call('HDEL', KEYS[1], 'snapshot', 'claim', 'claim_until')
+          else
+            redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
+          end
         end
         redis.call('EXPIRE', KEYS[1], ARGV[2])
         return 1
@@ -204,7 +212,10 @@ public struct SessionStore: Sendable {
         let decisionText = parts[2].text ?? ""
         let decision = decisionText.isEmpty
             ? nil : try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(decisionText.utf8))
-        return Observation(isNew: parts[0].int == 1, snapshot: SessionSnapshot(values: values), decision: decision, replied: parts[3].text == "1")
+        let replied = parts[3].text ?? ""
+        return Observation(
+            isNew: parts[0].int == 1, snapshot: SessionSnapshot(values: values), decision: decision, replied: replied == "1" || replied == "p",
+            repliedPassively: replied == "p")
     }
 
     /// What ``claim(_:worker:fence:lease:)`` found.
@@ -360,10 +371,12 @@ public struct SessionStore: Sendable {
         return Self.stored(reply, ours: decision, json: json)
     }
 
-    /// Marks the message finished; `sent` counts a customer-service message against the window's quota.
-    public func markReplied(_ m: InboundMessage, sent: Bool) async throws {
+    /// Marks the message finished; `sent` counts a customer-service message against the window's
+    /// quota; `passive` records a passive reply (its decision is kept for WeChat's retries).
+    public func markReplied(_ m: InboundMessage, sent: Bool, passive: Bool = false) async throws {
         _ = try await replicatedEval(
-            Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName)], arguments: [sent ? "1" : "0", .init(finishedTTL)])
+            Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
+            arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1"])
     }
 
     /// Runs a script whose loss in a failover could send a reply twice (a claim, before the

@@ -100,8 +100,9 @@ public struct WorkerMetrics: Sendable {
     let repliedPassively, repliedViaAPI: CoreMetrics.Counter
     /// `wechat_worker_passive_total{outcome=…}`: `missed` (an offer not taken, or no ingress
     /// waiting), `dropped` (passive-only: no push took it, after WeChat's last retry),
-    /// `undeliverable` (passive-only: a reply with no passive form).
-    let passiveMissed, passiveDropped, passiveUndeliverable: CoreMetrics.Counter
+    /// `undeliverable` (passive-only: a reply with no passive form), `reoffered` (a reply taken
+    /// passively offered again to WeChat's retry of its push).
+    let passiveMissed, passiveDropped, passiveUndeliverable, passiveReoffered: CoreMetrics.Counter
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -131,6 +132,7 @@ public struct WorkerMetrics: Sendable {
         passiveMissed = passive("missed")
         passiveDropped = passive("dropped")
         passiveUndeliverable = passive("undeliverable")
+        passiveReoffered = passive("reoffered")
     }
 }
 
@@ -465,6 +467,9 @@ public final class Worker: Sendable {
             return .done
         }
         if observation.replied {
+            if observation.repliedPassively, let reply = observation.decision?.reply {
+                await reofferPassively(reply, message, delivery, shard)
+            }
             metrics.duplicates.increment()
             logger.debug("duplicate dropped", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
             try await store.confirmFinished(message)
@@ -704,7 +709,7 @@ public final class Worker: Sendable {
                 if Task.isCancelled { return .finished(.done) }
                 switch outcome {
                 case .taken:
-                    await markSent(message, viaAPI: false)
+                    await markSent(message, viaAPI: false, passive: true)
                     metrics.replied.increment()
                     metrics.repliedPassively.increment()
                     if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
@@ -768,16 +773,33 @@ public final class Worker: Sendable {
         }
     }
 
+    /// A push whose reply went out passively came again: WeChat pushes a message again only when
+    /// it got no answer within its 5 s, so the response that carried the reply reached a request
+    /// WeChat had already given up on (an overloaded ingress can take an offer that late). The
+    /// reply is offered to this push's ingress; nothing else changes (the message stays finished:
+    /// no API send, no claim — two workers re-offering to one request get one taken, one declined).
+    private func reofferPassively(_ reply: CustomerServiceMessage, _ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner) async {
+        guard let offers, let content = PassiveOffers.content(for: reply) else { return }
+        let copy = ShardRunner.copyKey(delivery).flatMap(shard.latestCopy) ?? delivery
+        guard let target = PassiveTarget(copy), target.msLeft() > 50 else { return }
+        let xml = Array(PassiveReply(replyingTo: message, createTime: Int64(Date().timeIntervalSince1970), content: content).xml.utf8)
+        let outcome = await offers.offer(xml, to: target, bound: .milliseconds(target.msLeft()) + Self.verdictMargin)
+        metrics.passiveReoffered.increment()
+        logger.warning(
+            "WeChat pushed a message answered passively again (it did not get the answer in time); offered the reply again",
+            metadata: ["wechat.dedup_key": "\(message.dedupID)", "outcome": "\(outcome)"])
+    }
+
     /// Records a sent reply, retrying until Redis answers (with backoff up to 2 s); once the
     /// worker is shutting down it gives up after a few more tries and logs the message as
     /// at risk of a second send (only WeChat's retry of the same push could then repeat it).
     /// - Parameter viaAPI: false for a passive reply, which uses none of the customer-service quota.
-    private func markSent(_ message: InboundMessage, viaAPI: Bool = true) async {
+    private func markSent(_ message: InboundMessage, viaAPI: Bool = true, passive: Bool = false) async {
         var delay: Duration = .milliseconds(50)
         var triesWhileStopping = 0
         while true {
             do {
-                try await store.markReplied(message, sent: viaAPI)
+                try await store.markReplied(message, sent: viaAPI, passive: passive)
                 return
             } catch {
                 metrics.markRetries.increment()

@@ -286,29 +286,8 @@ extension PassiveReplyTests {
                 let xml = try pushXML("帮助", from: user)
                 let m = try InboundMessage(xml: xml)
                 s.platform.userPushed(openID: user, msgType: "text", event: nil)
-                let replyBy = Int64(Date().timeIntervalSince1970 * 1000) + 1_000
-                try await s.pusher.publish(
-                    AMQPMessage(
-                        xml,
-                        properties: AMQPProperties(
-                            contentType: "application/xml",
-                            headers: [
-                                WeChatTopology.Header.openID: .string(user), WeChatTopology.Header.msgType: "text",
-                                PassiveHandshake.replyByHeader: .int(replyBy),
-                            ], correlationID: "request-1", replyTo: queue, messageID: m.dedupID)),
-                    exchange: s.topology.inboundExchange, routingKey: s.topology.routingKey(openID: user))
-                let offer = try await withThrowingTaskGroup(of: AMQPDelivery?.self) { group in
-                    group.addTask {
-                        var iterator = offers.makeAsyncIterator()
-                        return try await iterator.next()
-                    }
-                    group.addTask {
-                        try await Task.sleep(for: .seconds(30))
-                        return nil
-                    }
-                    defer { group.cancelAll() }
-                    return try #require(try await group.next() ?? nil, "no offer within 30 s")
-                }
+                try await s.publishWaited(xml, m, user: user, queue: queue, requestID: "request-1")
+                let offer = try await nextOffer(offers)
                 #expect(offer.message.properties.correlationID == "request-1")
                 #expect(offer.message.bodyString?.contains(help) == true)
                 try offer.ack()
@@ -367,6 +346,79 @@ extension Sequence {
         var out: [T] = []
         for e in self { out.append(try await transform(e)) }
         return out
+    }
+}
+
+extension Stack {
+    /// Publishes a push as an ingress that waits for its passive reply at `queue` would.
+    func publishWaited(_ xml: String, _ m: InboundMessage, user: String, queue: String, requestID: String, waitMs: Int64 = 1_000) async throws {
+        try await pusher.publish(
+            AMQPMessage(
+                xml,
+                properties: AMQPProperties(
+                    contentType: "application/xml",
+                    headers: [
+                        WeChatTopology.Header.openID: .string(user), WeChatTopology.Header.msgType: "text",
+                        PassiveHandshake.replyByHeader: .int(Int64(Date().timeIntervalSince1970 * 1000) + waitMs),
+                    ], correlationID: requestID, replyTo: queue, messageID: m.dedupID)),
+            exchange: topology.inboundExchange, routingKey: topology.routingKey(openID: user))
+    }
+}
+
+/// The next offer on a stand-in ingress's reply queue (at most 30 s).
+func nextOffer(_ offers: AMQPConsumer) async throws -> AMQPDelivery {
+    try await withThrowingTaskGroup(of: AMQPDelivery?.self) { group in
+        group.addTask {
+            var iterator = offers.makeAsyncIterator()
+            return try await iterator.next()
+        }
+        group.addTask {
+            try await Task.sleep(for: .seconds(30))
+            return nil
+        }
+        defer { group.cancelAll() }
+        return try #require(try await group.next() ?? nil, "no offer within 30 s")
+    }
+}
+
+extension PassiveReplyTests {
+    /// WeChat pushes a message again only when it got no answer in time: a reply taken by an
+    /// ingress whose response came too late (an overloaded ingress) is offered again to the
+    /// retry's ingress — and not sent through the API.
+    @Test func aRetryOfAPushAnsweredPassivelyGetsTheReplyAgain() async throws {
+        try await withStack { s in
+            let w = try await s.worker(replyMode: .passiveFirst)
+            let queue = PassiveHandshake.ingressQueuePrefix(s.topology.prefix) + ".late"
+            try await s.pusher.declare(AMQPTopology(queues: [.init(queue, durable: false, exclusive: true)]))
+            let offers = try await s.pusher.consume(queue: queue)
+            try await running([w]) {
+                try await eventually("the worker to be ready") { w.isConsuming }
+                let user = "oLate"
+                let xml = try pushXML("帮助", from: user, msgID: 777)
+                let m = try InboundMessage(xml: xml)
+                s.platform.userPushed(openID: user, msgType: "text", event: nil)
+                try await s.publishWaited(xml, m, user: user, queue: queue, requestID: "first", waitMs: 3_000)
+                let first = try await nextOffer(offers)
+                try first.ack()
+                // The stand-in ingress takes it (writing to a connection WeChat already gave up on).
+                try await s.pusher.publish(
+                    AMQPMessage("taken", properties: AMQPProperties(persistent: false, correlationID: first.message.properties.messageID)),
+                    exchange: "", routingKey: try #require(first.message.properties.replyTo), mandatory: false)
+                try await eventually("the reply to be marked sent") {
+                    workerMetric(w, #"wechat_worker_replies_total{channel="passive"}"#) == 1
+                }
+                // WeChat's retry of the push, at another request.
+                try await s.publishWaited(xml, m, user: user, queue: queue, requestID: "retry", waitMs: 3_000)
+                let again = try await nextOffer(offers)
+                try again.ack()
+                #expect(again.message.properties.correlationID == "retry")
+                #expect(again.message.bodyString?.contains(help) == true)
+                try await eventually("the re-offer to be counted") { workerMetric(w, #"wechat_worker_passive_total{outcome="reoffered"}"#) == 1 }
+            }
+            await offers.cancel()
+            #expect(s.platform.sendCalls == 0)
+            #expect(workerMetric(w, #"wechat_worker_replies_total{channel="passive"}"#) == 1)
+        }
     }
 }
 

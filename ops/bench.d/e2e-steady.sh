@@ -8,16 +8,20 @@
 #   redis-failover  6 s into the run, the Redis primary stops; the sentinels promote the replica;
 #                   the old primary comes back 10 s later as a replica
 #   swift build -c release && ops/services run [--cluster --sentinel] -- ops/bench.d/e2e-steady.sh 1000 [FAULT]
-# (`ops/bench e2e` runs all of these.)
+# PASSIVE=1: passive-first replies (INGRESS_REPLY_WAIT=4 on the ingress, WORKER_REPLY_MODE=passive-first on
+# the workers); the bench counts a reply in the HTTP response as the push's reply.
+# (`ops/bench e2e` runs all of these; `ops/bench e2e-passive` the single node with PASSIVE=0 and 1.)
 set -u
 B=$(cd "$(dirname "$0")/../.." && swift build -c release --show-bin-path)
 RATE=${1:-1000}
 FAULT=${2:-}
 export WECHAT_APPID=wxbench WECHAT_TOKEN=tok WECHAT_SECRET=sec TOKEND_SECRET=bear LOG_LEVEL=warning WECHAT_API_URL=http://127.0.0.1:18095
-HTTP_HOST=127.0.0.1 HTTP_PORT=18080 $B/wechat-ingress > /tmp/e2e-ingress.log 2>&1 & I=$!
+PASSIVE_INGRESS="" PASSIVE_WORKER=""
+if [ "${PASSIVE:-0}" = 1 ]; then PASSIVE_INGRESS="INGRESS_REPLY_WAIT=4" PASSIVE_WORKER="WORKER_REPLY_MODE=passive-first"; fi
+env $PASSIVE_INGRESS HTTP_HOST=127.0.0.1 HTTP_PORT=18080 $B/wechat-ingress > /tmp/e2e-ingress.log 2>&1 & I=$!
 HTTP_HOST=127.0.0.1 HTTP_PORT=18081 $B/wechat-tokend > /tmp/e2e-tokend.log 2>&1 & T=$!
-METRICS_PORT=19101 TOKEND_URL=http://127.0.0.1:18081 $B/wechat-worker > /tmp/e2e-w1.log 2>&1 & W1=$!
-METRICS_PORT=19102 TOKEND_URL=http://127.0.0.1:18081 $B/wechat-worker > /tmp/e2e-w2.log 2>&1 & W2=$!
+env $PASSIVE_WORKER METRICS_PORT=19101 TOKEND_URL=http://127.0.0.1:18081 $B/wechat-worker > /tmp/e2e-w1.log 2>&1 & W1=$!
+env $PASSIVE_WORKER METRICS_PORT=19102 TOKEND_URL=http://127.0.0.1:18081 $B/wechat-worker > /tmp/e2e-w2.log 2>&1 & W2=$!
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && break; sleep 0.2; done
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19101/readyz >/dev/null && curl -sf http://127.0.0.1:19102/readyz >/dev/null && break; sleep 0.2; done
 cpu() { for p in "$@"; do sed 's/^.*) //' /proc/$p/stat | awk '{print $12 + $13}'; done | awk -v hz=$(getconf CLK_TCK) '{t+=$1} END {print t/hz}'; }
