@@ -77,6 +77,10 @@ public struct ChaosSettings: Sendable {
     /// Only these faults (each still once per round, in a seeded order); nil = every fault
     /// that applies to the stack's shape.
     public var faults: [ChaosFault]?
+    /// Passive replies: the ingresses wait 1 s for them (`INGRESS_REPLY_WAIT`) and the workers
+    /// run `WORKER_REPLY_MODE=passive-first`; a reply in the HTTP response counts like one
+    /// through the API (each must go out exactly one way).
+    public var passive = false
 
     /// The faults of a round.
     public var schedule: [ChaosFault] {
@@ -117,6 +121,8 @@ public struct ChaosReport: Sendable, Codable {
     public var uncertain: Int
     /// Pushes found in the dead-letter queue at the end.
     public var deadLettered: Int
+    /// Of the replies, those that came in the HTTP response (passive replies).
+    public var passiveReplies = 0
     /// Faults that could not be applied, with the reason.
     public var faultErrors: [String]
     /// A few of the users whose replies broke an invariant, with what they got (for a diagnosis).
@@ -141,6 +147,7 @@ public struct ChaosReport: Sendable, Codable {
         let header = cells(["phase", "pushes", "accepted", "refused", "unknown", "replies", "lost", "dup", "reorder", "ans-ref", "session", "worst ms"])
         var out = [header] + rows.map(line) + [line(total)]
         out.append("uncertain sends (workers' count): \(uncertain); dead-lettered (skipped, with reason): \(deadLettered); seed \(seed)")
+        if passiveReplies > 0 { out.append("replies in the HTTP response (passive): \(passiveReplies) of \(total.replies)") }
         if !faultErrors.isEmpty { out.append("faults that failed: \(faultErrors.joined(separator: "; "))") }
         for e in examples { out.append("  " + e) }
         out.append(holds ? "invariants hold" : "INVARIANTS BROKEN")
@@ -182,6 +189,8 @@ public final class ChaosRun: Sendable {
 
     private struct State {
         var pushes: [Push] = []
+        /// Replies that came in a push's HTTP response: (`c:` content, when).
+        var passive: [(content: String, at: Int64)] = []
         var phase = "quiet"
         var workers: [Worker] = []
         /// Highest `uncertain` count seen per worker process (by log path).
@@ -313,15 +322,21 @@ public final class ChaosRun: Sendable {
         // 200 `success`: accepted. A 4xx: refused (never published). A 5xx after the last try,
         // or no answer: unknown (the ingress answers 503 when a publish's fate is unknown).
         var outcome = Push.Outcome.unknown
+        var passive: String?
         if let result = try? await pusher.push(xml, openID: user) {
-            if result.status == 200, result.body == "success" {
+            // A passive reply (read as WeChat reads it) is an answer of its own.
+            let reply = result.status == 200 ? (try? pusher.passiveReply(in: result.body)) : nil
+            if result.status == 200, result.body == "success" || reply != nil {
                 outcome = .accepted
+                if let reply { passive = reply[child: "Content"]?.text ?? "" }
             } else if result.status < 500 {
                 outcome = .refused
             }
         }
+        let answeredAt = Int64(Date().timeIntervalSince1970 * 1000)
         state.withLock {
             $0.pushes.append(Push(user: user, seq: seq, dedupID: message.dedupID, phase: phase, pushedAtMs: pushedAt, outcome: outcome))
+            if let passive { $0.passive.append((passive, answeredAt)) }
         }
     }
 
@@ -369,7 +384,7 @@ public final class ChaosRun: Sendable {
     private func drain(_ stack: Stack) async throws {
         let deadline = ContinuousClock.now + .seconds(150)
         while ContinuousClock.now < deadline {
-            let answered = Set(platform.messages().compactMap { Self.parse($0.content)?.key })
+            let answered = Set((platform.messages().map(\.content) + state.withLock { $0.passive.map(\.content) }).compactMap { Self.parse($0)?.key })
             let waiting = state.withLock { $0.pushes }.filter { $0.outcome == .accepted && !answered.contains("\($0.user):\($0.seq)") }
             if waiting.isEmpty { break }
             if try await stack.deadLetterIDs().isSuperset(of: waiting.map(\.dedupID)) { break }
@@ -395,9 +410,12 @@ public final class ChaosRun: Sendable {
         let dead = try await stack.deadLetterIDs()
         let (pushes, uncertain, faultErrors) = state.withLock { ($0.pushes, $0.uncertain.values.reduce(0, +), $0.faultErrors) }
         var replies: [String: [(seq: Int, n: Int, at: Int64)]] = [:]
-        for r in platform.messages() where r.api == "custom" {
-            guard let p = Self.parse(r.content) else { continue }
-            replies[p.user, default: []].append((p.seq, p.n, r.receivedAtMs))
+        // Both channels, in the order the replies went out (sorted by time; stable for ties).
+        let passive = state.withLock { $0.passive }
+        let all = platform.messages().filter { $0.api == "custom" }.map { ($0.content, $0.receivedAtMs) } + passive.map { ($0.content, $0.at) }
+        for (content, at) in all.enumerated().sorted(by: { ($0.element.1, $0.offset) < ($1.element.1, $1.offset) }).map(\.element) {
+            guard let p = Self.parse(content) else { continue }
+            replies[p.user, default: []].append((p.seq, p.n, at))
         }
         var rows: [String: ChaosReport.Row] = [:]
         var order = ["quiet"]
@@ -486,7 +504,7 @@ public final class ChaosRun: Sendable {
         }
         return ChaosReport(
             seed: settings.seed, rows: order.map { rows[$0] ?? ChaosReport.Row(phase: $0) }, total: total, uncertain: uncertain, deadLettered: deadLettered,
-            faultErrors: faultErrors, examples: examples)
+            passiveReplies: passive.count, faultErrors: faultErrors, examples: examples)
     }
 
     // MARK: - Helpers for the stack

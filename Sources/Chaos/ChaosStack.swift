@@ -64,7 +64,10 @@ final class Stack: Sendable {
         var ready: [(ChildProcess, String)] = []
         for i in 0..<s.ingresses {
             let port = ports[1 + i]
-            let ingress = try await spawn("ingress-\(i + 1)", "wechat-ingress", ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"])
+            var env = ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"]
+            // 1 s: with the run's 6 s claim lease a worker waits for a verdict at most 3 s.
+            if s.passive { env["INGRESS_REPLY_WAIT"] = "1" }
+            let ingress = try await spawn("ingress-\(i + 1)", "wechat-ingress", env)
             state.withLock { $0.ingresses.append(ingress) }
             ready.append((ingress, "http://127.0.0.1:\(port)/readyz"))
         }
@@ -113,6 +116,7 @@ final class Stack: Sendable {
             "AMQP_URL": amqp + (amqp.contains("?") ? "&" : "?") + "heartbeat=2",
             "METRICS_PORT": "\(port)", "WECHAT_API_URL": "http://127.0.0.1:\(apiPort)", "TOKEND_URL": "http://127.0.0.1:\(tokendPort)",
             "WORKER_RULES": run.settings.directory + "/rules.yaml", "WORKER_CLAIM_LEASE": "6", "WORKER_CONCURRENCY": "16",
+            "WORKER_REPLY_MODE": run.settings.passive ? "passive-first" : "customer-service",
         ])
     }
 

@@ -191,6 +191,7 @@ struct ChaosCommand: AsyncParsableCommand {
     @Flag(help: "Three RabbitMQ nodes in a cluster (adds the faults stop-leader-node and stop-ingress-node).") var cluster = false
     @Flag(help: "Redis with two replicas under three sentinels (adds redis-failover, drops restart-redis).") var sentinel = false
     @Option(help: "Only these faults (comma-separated names), each once per round.") var faults: String?
+    @Flag(help: "Passive replies: the ingresses wait 1 s (INGRESS_REPLY_WAIT), the workers run passive-first.") var passive = false
     @Option(help: "The repository (for ops/services).") var repo: String = FileManager.default.currentDirectoryPath
     @Option(help: "Where the executables are (default: next to this one).") var bin: String?
     @Option(help: "The run's folder (logs, brokers' data); default a new temporary one.") var dir: String?
@@ -204,6 +205,7 @@ struct ChaosCommand: AsyncParsableCommand {
             repository: repo, binaries: bin ?? own, directory: folder)
         settings.cluster = cluster
         settings.sentinel = sentinel
+        settings.passive = passive
         if let faults {
             settings.faults = try faults.split(separator: ",").map { name in
                 guard let fault = ChaosFault(rawValue: name.trimmingCharacters(in: .whitespaces)) else {
