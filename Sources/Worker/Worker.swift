@@ -602,11 +602,7 @@ public final class Worker: Sendable {
             // WeChat accepted the reply: from here on it must never be sent again, so a Redis
             // error while recording it is retried here, never turned into a retry of the message.
             await markSent(message)
-            metrics.replied.increment()
-            metrics.repliedViaAPI.increment()
-            if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
-                metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
-            }
+            countReplied(delivery, passively: false)
             try delivery.ack()
             return .done
         case .uncertain(let why):
@@ -641,6 +637,15 @@ public final class Worker: Sendable {
             try await store.releaseClaim(message, worker: id)
             await deadLetter(delivery, reason: "errcode \(code): \(why)")
             return .done
+        }
+    }
+
+    /// A reply went out: counted by channel, with its time from the ingress's receipt.
+    private func countReplied(_ delivery: AMQPDelivery, passively: Bool) {
+        metrics.replied.increment()
+        (passively ? metrics.repliedPassively : metrics.repliedViaAPI).increment()
+        if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
+            metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
         }
     }
 
@@ -710,11 +715,7 @@ public final class Worker: Sendable {
                 switch outcome {
                 case .taken:
                     await markSent(message, viaAPI: false, passive: true)
-                    metrics.replied.increment()
-                    metrics.repliedPassively.increment()
-                    if let received = delivery.message.properties.headers[WeChatTopology.Header.receivedAtMs]?.intValue {
-                        metrics.endToEnd.recordMilliseconds(Int64(Date().timeIntervalSince1970 * 1000) - received)
-                    }
+                    countReplied(delivery, passively: true)
                     try delivery.ack()
                     return .finished(.done)
                 case .declined(let reason):

@@ -498,3 +498,39 @@ struct WorkerCrashTests {
         }
     }
 }
+
+extension WorkerCrashTests {
+    /// A worker process killed while the decision service works on its message (the service
+    /// answers into a dead connection: from its side it answered): nothing was stored, so the
+    /// next worker asks the service again and the message is answered once — which is why the
+    /// request carries `dedup_key` (docs/worker.md, "Deciding a reply").
+    @Test func aWorkerKilledWhileTheServiceDecidesIsAnsweredOnceByTheNext() async throws {
+        let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
+        try await withStack { s in
+            var faults = ToyDecider.Faults()
+            faults.latencyMs = 1_500
+            s.decider.faults = faults
+            let log = FileManager.default.temporaryDirectory.appendingPathComponent("killed-deciding-worker-\(UUID().uuidString).log").path
+            let child = try ChildProcess(
+                "\(bin)/wechat-worker",
+                environment: [
+                    "WECHAT_APPID": s.appID, "AMQP_URL": try TestServices.amqpURL(), "REDIS_URL": try TestServices.redisURL(),
+                    "WECHAT_API_URL": s.apiURL, "TOKEND_URL": s.tokendURL, "TOKEND_SECRET": "bearer",
+                    "WECHAT_QUEUE_PREFIX": s.topology.prefix, "METRICS_PORT": String(Int.random(in: 30000...39999)),
+                    "WORKER_DECIDE_URL": s.apiURL + "/sim/decide", "LOG_LEVEL": "warning",
+                ], logPath: log)
+            defer { child.kill() }
+            let m = try await s.push("text", "你好", from: "oDeciding")
+            try await eventually("the service to be asked") { s.decider.calls[m.dedupID] == 1 }
+            child.kill()
+            s.decider.faults = ToyDecider.Faults()
+            let b = try await s.worker(decideTimeout: .seconds(3))
+            try await running([b]) {
+                #expect(await s.replies(to: "oDeciding", count: 1) == ["回声(第1句): 你好"])
+            }
+            // Asked again (a second time, or more if a call ran past its deadline on a busy machine).
+            #expect((s.decider.calls[m.dedupID] ?? 0) >= 2)
+            #expect(s.platform.messages(touser: "oDeciding").count == 1)
+        }
+    }
+}
