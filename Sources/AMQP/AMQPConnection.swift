@@ -89,6 +89,9 @@ public final class AMQPConnection: Sendable {
     /// Whether the connection is up right now.
     public var isConnected: Bool { mailbox.isConnected }
 
+    /// Which connection is live: it grows with every (re)connection (0 while none is).
+    public var generation: UInt64 { mailbox.generation }
+
     /// Whether the broker blocks publishing on this connection right now (`connection.blocked`:
     /// a memory or disk alarm).
     public var isBlocked: Bool { mailbox.isBlocked }

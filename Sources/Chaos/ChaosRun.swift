@@ -326,7 +326,9 @@ public final class ChaosRun: Sendable {
         if let result = try? await pusher.push(xml, openID: user) {
             // A passive reply (read as WeChat reads it) is an answer of its own.
             let reply = result.status == 200 ? (try? pusher.passiveReply(in: result.body)) : nil
-            if result.status == 200, result.body == "success" || reply != nil {
+            if result.status == 200 {
+                // Accepted. An answer WeChat could not read (a bad signature, an undecryptable
+                // reply) counts as no reply at all: it shows up as lost, never as refused.
                 outcome = .accepted
                 if let reply { passive = reply[child: "Content"]?.text ?? "" }
             } else if result.status < 500 {

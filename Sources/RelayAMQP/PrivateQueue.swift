@@ -13,7 +13,8 @@ public final class PrivateQueue: Sendable {
     private let amqp: AMQPConnection
     private let prefix: String
     private let logger: Logger
-    private let current = Mutex<String?>(nil)
+    /// The queue consumed now and the connection it was declared on.
+    private let current = Mutex<(name: String, generation: UInt64)?>(nil)
 
     /// - Parameter prefix: the queues are named `<prefix>.<uuid>`.
     public init(amqp: AMQPConnection, prefix: String, logger: Logger) {
@@ -22,19 +23,26 @@ public final class PrivateQueue: Sendable {
         self.logger = logger
     }
 
-    /// The queue being consumed now, if any.
-    public var name: String? { current.withLock { $0 } }
+    /// The queue being consumed now, if any: nil as soon as the connection it was declared on
+    /// is gone (the queue went with it), before the consuming loop has noticed.
+    public var name: String? {
+        let live = amqp.generation
+        return current.withLock { c in c.flatMap { $0.generation == live && live != 0 ? $0.name : nil } }
+    }
 
     /// Declares a queue, consumes it with `handle` (each delivery acked first), and after a lost
     /// connection does it again with a new queue; until the task is cancelled.
     public func consume(_ handle: @escaping @Sendable (AMQPDelivery) async -> Void) async {
         while !Task.isCancelled {
             let name = "\(prefix).\(UUID().uuidString.lowercased())"
+            var generation: UInt64 = 0
             do {
                 try await amqp.waitUntilConnected()
+                generation = amqp.generation
                 try await amqp.declareForThisConnection(AMQPTopology(queues: [.init(name, durable: false, exclusive: true)]))
                 let deliveries = try await amqp.consume(queue: name, prefetch: 256)
-                current.withLock { $0 = name }
+                // Declared and consumed on one connection, or not used at all.
+                if amqp.generation == generation { current.withLock { $0 = (name, generation) } }
                 for try await delivery in deliveries {
                     try? delivery.ack()
                     await handle(delivery)
@@ -45,9 +53,10 @@ public final class PrivateQueue: Sendable {
                     logger.warning("cannot consume a private queue; a new one follows", metadata: ["amqp.queue": "\(name)", "error": "\(error)"])
                 }
             }
-            current.withLock { if $0 == name { $0 = nil } }
+            current.withLock { if $0?.name == name { $0 = nil } }
             if Task.isCancelled { break }
-            try? await Task.sleep(for: .milliseconds(200))
+            // After a reconnection a new queue at once; after another failure, a pause first.
+            if amqp.generation == generation || !amqp.isConnected { try? await Task.sleep(for: .milliseconds(200)) }
         }
     }
 }

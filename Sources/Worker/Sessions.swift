@@ -83,6 +83,8 @@ public struct SessionStore: Sendable {
         public var replied: Bool
         /// Finished with a passive reply (its decision is then returned too).
         public var repliedPassively: Bool = false
+        /// Finished with a passive reply, and a later message of the user has finished since.
+        public var laterFinished: Bool = false
         /// The signed query it came with was already used by a different message: a replay
         /// of a seen URL with another body. Never processed.
         public var replayedQuery: Bool = false
@@ -107,7 +109,10 @@ public struct SessionStore: Sendable {
           if not owner then redis.call('SET', q, ARGV[8], 'EX', ARGV[9]) end
         end
         local replied = redis.call('HGET', rec, 'replied')
-        if replied then return {0, '', replied == 'p' and (redis.call('HGET', rec, 'decision') or '') or '', replied} end
+        if replied then
+          if replied ~= 'p' then return {0, '', '', replied} end
+          return {0, '', redis.call('HGET', rec, 'decision') or '', replied, redis.call('HGET', s, 'last_done') or ''}
+        end
         local snap = redis.call('HGET', rec, 'snapshot')
         if snap then
           return {0, snap, redis.call('HGET', rec, 'decision') or '', ''}
@@ -161,6 +166,9 @@ public struct SessionStore: Sendable {
         """
         if redis.call('HSETNX', KEYS[1], 'replied', ARGV[3]) == 1 then
           if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[2], 'cs_sent', 1) end
+          -- The user's last finished message (a passive reply is offered again to a retry only
+          -- while no later message of the user has finished: order).
+          redis.call('HSET', KEYS[2], 'last_done', ARGV[4])
           -- A passive reply keeps its decision: WeChat's retry of the push (it got no answer in
           -- time) is offered it again.
           if ARGV[3] == 'p' then
@@ -193,7 +201,7 @@ public struct SessionStore: Sendable {
                 .init(now), isMessage ? "1" : "0", .init(window), .init(subscription), .init(sessionTTL), .init(recordTTL),
                 .init(m.createTime), .init(m.dedupID), signedQuery == nil ? "" : .init(finishedTTL), fence.map { .init($0.token) } ?? "",
             ])
-        guard let parts = reply.array, parts.count == 4, let snapText = parts[1].text else {
+        guard let parts = reply.array, parts.count >= 4, let snapText = parts[1].text else {
             throw RedisError(.protocolError, "unexpected answer from the observe script")
         }
         if parts[0].int == 2 {
@@ -215,7 +223,7 @@ public struct SessionStore: Sendable {
         let replied = parts[3].text ?? ""
         return Observation(
             isNew: parts[0].int == 1, snapshot: SessionSnapshot(values: values), decision: decision, replied: replied == "1" || replied == "p",
-            repliedPassively: replied == "p")
+            repliedPassively: replied == "p", laterFinished: replied == "p" && parts.count > 4 && parts[4].text != m.dedupID)
     }
 
     /// What ``claim(_:worker:fence:lease:)`` found.
@@ -376,7 +384,7 @@ public struct SessionStore: Sendable {
     public func markReplied(_ m: InboundMessage, sent: Bool, passive: Bool = false) async throws {
         _ = try await replicatedEval(
             Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
-            arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1"])
+            arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)])
     }
 
     /// Runs a script whose loss in a failover could send a reply twice (a claim, before the

@@ -213,10 +213,11 @@ final class ShardRunner: Sendable {
 
     /// Waits up to `bound` for a copy of `key` beyond the `count` held now (WeChat's retry of
     /// the push); `nil` if none came, or the shard is handed over or the worker stops.
-    func nextCopy(_ key: String, beyond count: Int, upTo bound: Duration) async -> AMQPDelivery? {
+    func nextCopy(_ key: String, of delivery: AMQPDelivery, beyond count: Int, upTo bound: Duration) async -> AMQPDelivery? {
         let deadline = ContinuousClock.now + bound
         while ContinuousClock.now < deadline {
-            if draining.isSet || worker.stopping.isSet || Task.isCancelled { return nil }
+            // A delivery of a broken connection gets no more copies (they come to its redelivery's job).
+            if draining.isSet || worker.stopping.isSet || Task.isCancelled || delivery.isStale { return nil }
             if copyCount(key) > count { return latestCopy(key) }
             try? await Task.sleep(for: min(.milliseconds(20), deadline - ContinuousClock.now))
         }

@@ -101,8 +101,9 @@ public struct WorkerMetrics: Sendable {
     /// `wechat_worker_passive_total{outcome=…}`: `missed` (an offer not taken, or no ingress
     /// waiting), `dropped` (passive-only: no push took it, after WeChat's last retry),
     /// `undeliverable` (passive-only: a reply with no passive form), `reoffered` (a reply taken
-    /// passively offered again to WeChat's retry of its push).
-    let passiveMissed, passiveDropped, passiveUndeliverable, passiveReoffered: CoreMetrics.Counter
+    /// passively offered again to WeChat's retry of its push), `reoffer_skipped` (not offered
+    /// again: a later message of the user was answered since).
+    let passiveMissed, passiveDropped, passiveUndeliverable, passiveReoffered, passiveReofferSkipped: CoreMetrics.Counter
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -133,6 +134,7 @@ public struct WorkerMetrics: Sendable {
         passiveDropped = passive("dropped")
         passiveUndeliverable = passive("undeliverable")
         passiveReoffered = passive("reoffered")
+        passiveReofferSkipped = passive("reoffer_skipped")
     }
 }
 
@@ -467,8 +469,16 @@ public final class Worker: Sendable {
             return .done
         }
         if observation.replied {
-            if observation.repliedPassively, let reply = observation.decision?.reply {
-                await reofferPassively(reply, message, delivery, shard)
+            if observation.repliedPassively, let reply = observation.decision?.reply, let content = PassiveOffers.content(for: reply) {
+                if observation.laterFinished {
+                    // A later message of this user was answered since: a reply now would come out of order.
+                    metrics.passiveReofferSkipped.increment()
+                    logger.warning(
+                        "WeChat pushed a message answered passively again, but the user's later message was answered since: not offered again (order)",
+                        metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+                } else {
+                    await reofferPassively(content, message, delivery, shard)
+                }
             }
             metrics.duplicates.increment()
             logger.debug("duplicate dropped", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
@@ -709,18 +719,29 @@ public final class Worker: Sendable {
                 let xml = Array(
                     PassiveReply(replyingTo: message, createTime: Int64(Date().timeIntervalSince1970), content: content).xml.utf8)
                 let outcome = await offers.offer(xml, to: target, bound: bound)
-                // A hand-over's deadline or shutdown cut the wait: the claim stays (its expiry makes
-                // the next owner treat the send as uncertain), the delivery goes back unacked.
-                if Task.isCancelled { return .finished(.done) }
                 switch outcome {
                 case .taken:
                     await markSent(message, viaAPI: false, passive: true)
                     countReplied(delivery, passively: true)
+                    // WeChat's retry came while the verdict was awaited: the push that took the
+                    // reply was given up on (the ingress took it late), so the retry gets it too.
+                    if let newer = shard.latestCopy(key), let retry = PassiveTarget(newer), retry.requestID != target.requestID {
+                        await reofferPassively(content, message, newer, shard)
+                    }
                     try delivery.ack()
                     return .finished(.done)
                 case .declined(let reason):
+                    // Cut by a hand-over's deadline or shutdown: nothing went out; the claim is given
+                    // back and the delivery goes back unacknowledged.
+                    if Task.isCancelled {
+                        try? await store.releaseClaim(message, worker: id)
+                        return .finished(.done)
+                    }
                     why = reason
                 case .unknown(let reason):
+                    // Cut by a hand-over's deadline or shutdown: the claim stays (its expiry makes the
+                    // next owner treat the send as uncertain), the delivery goes back unacknowledged.
+                    if Task.isCancelled { return .finished(.done) }
                     metrics.uncertain.increment()
                     logger.warning(
                         "no verdict for a passive reply: the ingress may have written it",
@@ -751,7 +772,7 @@ public final class Worker: Sendable {
             // WeChat retries about 5 s after a push it got no answer to; the retry's ingress waits again.
             let retryDue = (target.map { max($0.msLeft(), 0) } ?? 0) + 7_000
             guard held < Self.pushesPerMessage, target != nil,
-                await shard.nextCopy(key, beyond: held, upTo: .milliseconds(retryDue)) != nil
+                await shard.nextCopy(key, of: delivery, beyond: held, upTo: .milliseconds(retryDue)) != nil
             else {
                 if shard.draining.isSet || stopping.isSet || delivery.isStale { return .finished(.done) }  // goes back with the channel
                 metrics.passiveDropped.increment()
@@ -779,8 +800,8 @@ public final class Worker: Sendable {
     /// WeChat had already given up on (an overloaded ingress can take an offer that late). The
     /// reply is offered to this push's ingress; nothing else changes (the message stays finished:
     /// no API send, no claim — two workers re-offering to one request get one taken, one declined).
-    private func reofferPassively(_ reply: CustomerServiceMessage, _ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner) async {
-        guard let offers, let content = PassiveOffers.content(for: reply) else { return }
+    private func reofferPassively(_ content: PassiveReply.Content, _ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner) async {
+        guard let offers else { return }
         let copy = ShardRunner.copyKey(delivery).flatMap(shard.latestCopy) ?? delivery
         guard let target = PassiveTarget(copy), target.msLeft() > 50 else { return }
         let xml = Array(PassiveReply(replyingTo: message, createTime: Int64(Date().timeIntervalSince1970), content: content).xml.utf8)

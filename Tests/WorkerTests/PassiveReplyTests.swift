@@ -384,7 +384,8 @@ func nextOffer(_ offers: AMQPConsumer) async throws -> AMQPDelivery {
 extension PassiveReplyTests {
     /// WeChat pushes a message again only when it got no answer in time: a reply taken by an
     /// ingress whose response came too late (an overloaded ingress) is offered again to the
-    /// retry's ingress — and not sent through the API.
+    /// retry's ingress — and not sent through the API; but not once a later message of the
+    /// user was answered (order).
     @Test func aRetryOfAPushAnsweredPassivelyGetsTheReplyAgain() async throws {
         try await withStack { s in
             let w = try await s.worker(replyMode: .passiveFirst)
@@ -414,9 +415,18 @@ extension PassiveReplyTests {
                 #expect(again.message.properties.correlationID == "retry")
                 #expect(again.message.bodyString?.contains(help) == true)
                 try await eventually("the re-offer to be counted") { workerMetric(w, #"wechat_worker_passive_total{outcome="reoffered"}"#) == 1 }
+                // The user's next message is answered (no ingress waits for it: through the API);
+                // a retry of the first after that is not offered again: it would come out of order.
+                try await s.push("text", "菜单", from: user)
+                _ = await s.replies(to: user, count: 1)
+                try await s.publishWaited(xml, m, user: user, queue: queue, requestID: "late-retry", waitMs: 3_000)
+                try await eventually("the skipped re-offer to be counted") {
+                    workerMetric(w, #"wechat_worker_passive_total{outcome="reoffer_skipped"}"#) == 1
+                }
+                #expect(workerMetric(w, #"wechat_worker_passive_total{outcome="reoffered"}"#) == 1)
             }
             await offers.cancel()
-            #expect(s.platform.sendCalls == 0)
+            #expect(s.platform.sendCalls == 1)  // the second message only
             #expect(workerMetric(w, #"wechat_worker_replies_total{channel="passive"}"#) == 1)
         }
     }
