@@ -9,7 +9,9 @@ import RelayContract
 /// `subscribed` (and `sub_changed_at`, the CreateTime of the subscription change applied last), `first_seen`, `last_seen`, `messages` (user messages, not events),
 /// `last_inbound` and `window` (`message` or `event`: which customer-service
 /// window the last push opened), `cs_sent` (customer-service messages sent since),
-/// `state` (the dialog state) and any `f:<name>` fields handlers set.
+/// `state` (the dialog state), `last_done` (the dedup id of the user's last finished message:
+/// a passive reply is offered again to WeChat's retry only while it is that message's) and any
+/// `f:<name>` fields handlers set.
 public struct SessionSnapshot: Sendable, Equatable {
     public var values: [String: String]
 
