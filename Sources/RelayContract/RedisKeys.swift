@@ -17,6 +17,8 @@ public struct WorkerKeys: Sendable, Hashable {
     public func session(_ openID: String) -> String { "\(prefix):\(appID):session:\(openID)" }
     /// `<prefix>:<appid>:msg:<dedupID>` (hash): the per-message record.
     public func record(_ dedupID: String) -> String { "\(prefix):\(appID):msg:\(dedupID)" }
+    /// The decision of a message answered passively, kept a minute for WeChat's retries of its push.
+    public func passiveDecision(_ dedupID: String) -> String { "\(prefix):\(appID):msg:\(dedupID):passive" }
     /// `<prefix>:<appid>:query:<sha256(timestamp:nonce:signature)>` (string): the message that used a signed query.
     public func signedQuery(_ digest: String) -> String { "\(prefix):\(appID):query:\(digest)" }
     /// `<prefix>:<appid>:workers` (sorted set): the live workers' heartbeats.

@@ -113,7 +113,7 @@ public struct SessionStore: Sendable {
         local replied = redis.call('HGET', rec, 'replied')
         if replied then
           if replied ~= 'p' then return {0, '', '', replied} end
-          return {0, '', redis.call('HGET', rec, 'decision') or '', replied, redis.call('HGET', s, 'last_done') or ''}
+          return {0, '', redis.call('GET', KEYS[5]) or '', replied, redis.call('HGET', s, 'last_done') or ''}
         end
         local snap = redis.call('HGET', rec, 'snapshot')
         if snap then
@@ -171,13 +171,13 @@ public struct SessionStore: Sendable {
           -- The user's last finished message (a passive reply is offered again to a retry only
           -- while no later message of the user has finished: order).
           redis.call('HSET', KEYS[2], 'last_done', ARGV[4])
-          -- A passive reply keeps its decision: WeChat's retry of the push (it got no answer in
-          -- time) is offered it again.
+          -- A passive reply's decision is kept a minute under a key of its own: WeChat's retry of
+          -- the push (it got no answer in time) is offered it again; the record stays small.
           if ARGV[3] == 'p' then
-            redis.call('HDEL', KEYS[1], 'snapshot', 'claim', 'claim_until')
-          else
-            redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
+            local decision = redis.call('HGET', KEYS[1], 'decision')
+            if decision then redis.call('SET', KEYS[3], decision, 'EX', 60) end
           end
+          redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
         end
         redis.call('EXPIRE', KEYS[1], ARGV[2])
         return 1
@@ -198,7 +198,8 @@ public struct SessionStore: Sendable {
         let subscription = m.event == "unsubscribe" ? "unsubscribe" : (m.event == "subscribe" ? "subscribe" : "")
         let queryDigest = signedQuery.map { WeChatSignature.compute([$0]) } ?? ""
         let reply = try await redis.eval(
-            Self.observeScript, keys: [recordKey(m), sessionKey(m.fromUserName), keys.signedQuery(queryDigest), fence?.key ?? recordKey(m)],
+            Self.observeScript,
+            keys: [recordKey(m), sessionKey(m.fromUserName), keys.signedQuery(queryDigest), fence?.key ?? recordKey(m), keys.passiveDecision(m.dedupID)],
             arguments: [
                 .init(now), isMessage ? "1" : "0", .init(window), .init(subscription), .init(sessionTTL), .init(recordTTL),
                 .init(m.createTime), .init(m.dedupID), signedQuery == nil ? "" : .init(finishedTTL), fence.map { .init($0.token) } ?? "",
@@ -385,7 +386,7 @@ public struct SessionStore: Sendable {
     /// quota; `passive` records a passive reply (its decision is kept for WeChat's retries).
     public func markReplied(_ m: InboundMessage, sent: Bool, passive: Bool = false) async throws {
         _ = try await replicatedEval(
-            Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
+            Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName), keys.passiveDecision(m.dedupID)],
             arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)])
     }
 
