@@ -466,6 +466,21 @@ func metric(_ w: Worker, _ prefix: String) -> Int {
     return line.flatMap { Int(Double($0.dropFirst(prefix.count)) ?? -1) } ?? 0
 }
 
+extension Stack {
+    /// A `wechat-worker` process (from `bin`) on this stack, logging to a temporary file named after `name`.
+    func workerProcess(bin: String, name: String, extra: [String: String] = [:]) throws -> ChildProcess {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("\(name)-\(UUID().uuidString).log").path
+        return try ChildProcess(
+            "\(bin)/wechat-worker",
+            environment: [
+                "WECHAT_APPID": appID, "AMQP_URL": amqpURL, "REDIS_URL": try TestServices.redisURL(),
+                "WECHAT_API_URL": apiURL, "TOKEND_URL": tokendURL, "TOKEND_SECRET": "bearer",
+                "WECHAT_QUEUE_PREFIX": topology.prefix, "METRICS_PORT": String(Int.random(in: 30000...39999)),
+                "LOG_LEVEL": "warning",
+            ].merging(extra) { $1 }, logPath: log)
+    }
+}
+
 @Suite("Worker crash", .enabled(if: (TestServices.amqpEnabled && TestServices.redisEnabled && TestServices.environment["WR_BIN_DIR"] != nil) || TestServices.isCI), .timeLimit(.minutes(6)))
 struct WorkerCrashTests {
     @Test func aWorkerKilledMidFlightIsRedeliveredAndRepliedExactlyOnce() async throws {
@@ -475,15 +490,7 @@ struct WorkerCrashTests {
             var faults = FakePlatform.Faults()
             faults.dropRate = 1
             s.platform.faults = faults
-            let log = FileManager.default.temporaryDirectory.appendingPathComponent("killed-worker-\(UUID().uuidString).log").path
-            let child = try ChildProcess(
-                "\(bin)/wechat-worker",
-                environment: [
-                    "WECHAT_APPID": s.appID, "AMQP_URL": try TestServices.amqpURL(), "REDIS_URL": try TestServices.redisURL(),
-                    "WECHAT_API_URL": s.apiURL, "TOKEND_URL": s.tokendURL, "TOKEND_SECRET": "bearer",
-                    "WECHAT_QUEUE_PREFIX": s.topology.prefix, "METRICS_PORT": String(Int.random(in: 30000...39999)),
-                    "LOG_LEVEL": "warning",
-                ], logPath: log)
+            let child = try s.workerProcess(bin: bin, name: "killed-worker")
             try await s.push("text", "帮助", from: "oCrash")
             await s.platform.waitForArrivals(1)  // the killed worker's send is in flight now
             child.kill()
@@ -510,15 +517,7 @@ extension WorkerCrashTests {
             var faults = ToyDecider.Faults()
             faults.latencyMs = 1_500
             s.decider.faults = faults
-            let log = FileManager.default.temporaryDirectory.appendingPathComponent("killed-deciding-worker-\(UUID().uuidString).log").path
-            let child = try ChildProcess(
-                "\(bin)/wechat-worker",
-                environment: [
-                    "WECHAT_APPID": s.appID, "AMQP_URL": try TestServices.amqpURL(), "REDIS_URL": try TestServices.redisURL(),
-                    "WECHAT_API_URL": s.apiURL, "TOKEND_URL": s.tokendURL, "TOKEND_SECRET": "bearer",
-                    "WECHAT_QUEUE_PREFIX": s.topology.prefix, "METRICS_PORT": String(Int.random(in: 30000...39999)),
-                    "WORKER_DECIDE_URL": s.apiURL + "/sim/decide", "LOG_LEVEL": "warning",
-                ], logPath: log)
+            let child = try s.workerProcess(bin: bin, name: "killed-deciding-worker", extra: ["WORKER_DECIDE_URL": s.apiURL + "/sim/decide"])
             defer { child.kill() }
             let m = try await s.push("text", "你好", from: "oDeciding")
             try await eventually("the service to be asked") { s.decider.calls[m.dedupID] == 1 }
