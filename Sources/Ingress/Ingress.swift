@@ -6,6 +6,7 @@ import NIOCore
 import RelayCore
 import WeChat
 import RelayContract
+import Synchronization
 
 /// A request the ingress refuses: the HTTP status of docs/CONTRACT.md and the
 /// reason that goes into the log line (never a secret or a body).
@@ -33,6 +34,8 @@ public struct IngressHandler: Sendable {
     let now: @Sendable () -> Int64
     /// At most 20 rejection log lines at once, refilled at 5 a second.
     let rejectionLog = LogRateLimiter(burst: 20, perSecond: 5)
+    /// The accounts served now, by AppID (replaced whole by ``reload(_:)``).
+    private let accounts: LockedValue<[String: IngressAccount]>
 
     public init(
         configuration: IngressConfiguration, amqp: AMQPConnection, metrics: IngressMetrics, logger: Logger,
@@ -43,6 +46,7 @@ public struct IngressHandler: Sendable {
         self.metrics = metrics
         self.logger = logger
         self.now = now
+        accounts = LockedValue(Dictionary(configuration.accounts.map { ($0.appID, $0) }) { first, _ in first })
         passive =
             configuration.replyWait > .zero
             ? PassiveReplies(
@@ -50,12 +54,37 @@ public struct IngressHandler: Sendable {
             : nil
     }
 
+    // MARK: - Accounts
+
+    /// The account a path serves: `/wechat/<appid>` names it; `/wechat` (nil) is the only account.
+    public func account(_ appID: String?) -> IngressAccount? {
+        accounts.withLock { a in
+            guard let appID else { return a.count == 1 ? a.first?.value : nil }
+            return a[appID]
+        }
+    }
+
+    /// The AppIDs served now, sorted.
+    public var appIDs: [String] { accounts.withLock { $0.keys.sorted() } }
+
+    /// Replaces the accounts (a reload of `WECHAT_ACCOUNTS_FILE`): a request already being
+    /// handled finishes with the account it started with; an account removed answers 404 from now on.
+    public func reload(_ configuration: AccountsConfiguration) throws {
+        let built = try configuration.accounts.map(IngressAccount.init)
+        accounts.withLock { $0 = Dictionary(built.map { ($0.appID, $0) }) { first, _ in first } }
+    }
+
+    /// 404 for a path of no configured account.
+    func unknownAccount(_ request: Request) -> Response {
+        reject(Rejection(status: .notFound, outcome: .unknownAccount, reason: "no such account on this path"), request)
+    }
+
     // MARK: - GET /wechat: URL verification
 
-    func verify(_ request: Request) -> Response {
+    func verify(_ request: Request, account: IngressAccount) -> Response {
         let q = request.uri.queryParameters
         do {
-            try checkSignature(q)
+            try checkSignature(q, account)
             guard let echostr = q.get("echostr") else { throw Rejection.badRequest("verification without echostr") }
             metrics.count(.verified)
             logger.info("URL verification answered")
@@ -69,14 +98,14 @@ public struct IngressHandler: Sendable {
 
     // MARK: - POST /wechat: a pushed message
 
-    func receive(_ request: Request) async -> Response {
+    func receive(_ request: Request, account: IngressAccount) async -> Response {
         let q = request.uri.queryParameters
         let receivedAt = Date()
         let arrived = ContinuousClock.now
         do {
-            try checkSignature(q)
+            try checkSignature(q, account)
             let body = try await collectBody(request)
-            let inbound = try decode(body, query: q)
+            let inbound = try decode(body, query: q, account)
             // Waiting for a passive reply: the request's slot exists before the publish, so an
             // offer from a fast worker finds it. Without a reply queue (the broker connection is
             // being set up again) a push cannot be waited for: 503, and WeChat pushes it again.
@@ -91,17 +120,18 @@ public struct IngressHandler: Sendable {
             }
             do {
                 try await publish(
-                    inbound, signedQuery: Self.signedQuery(q), receivedAt: receivedAt, replyTo: waiting.map { ($0.queue, $0.id) })
+                    inbound, account, signedQuery: Self.signedQuery(q), receivedAt: receivedAt, replyTo: waiting.map { ($0.queue, $0.id) })
             } catch {
                 if let waiting, let taken = waiting.handshake.abandon(waiting.id) { await waiting.handshake.send(.declined, for: taken) }
                 throw error
             }
             metrics.count(.accepted)
+            metrics.accepted(appID: account.appID)
             if let waiting {
                 let waitStart = ContinuousClock.now
                 let offer = await waiting.handshake.wait(waiting.id, for: arrived + configuration.offerWindow - ContinuousClock.now)
                 metrics.replyWait.recordNanoseconds((ContinuousClock.now - waitStart).wholeNanoseconds)
-                if let offer { return passiveResponse(offer, inbound, handshake: waiting.handshake) }
+                if let offer { return passiveResponse(offer, inbound, account, handshake: waiting.handshake) }
                 metrics.passiveTimedOut.increment()
                 // A wait past WeChat's 5 s (passive-only): no more offers are taken (WeChat would
                 // drop the answer), but `success` only comes once WeChat has given up on this push
@@ -126,10 +156,10 @@ public struct IngressHandler: Sendable {
     /// The signature first (cheap, constant-time, and it makes every later value one WeChat
     /// signed), then the window, with overflow-free arithmetic (`WeChatSignature.verifyPush`,
     /// which `ops/fuzz` fuzzes with Hummingbird's query parser in front).
-    private func checkSignature(_ q: Parameters) throws {
+    private func checkSignature(_ q: Parameters, _ account: IngressAccount) throws {
         do {
             try WeChatSignature.verifyPush(
-                signature: q.get("signature"), timestamp: q.get("timestamp"), nonce: q.get("nonce"), tokens: configuration.tokens,
+                signature: q.get("signature"), timestamp: q.get("timestamp"), nonce: q.get("nonce"), tokens: account.tokens,
                 now: now(), window: configuration.timestampWindow)
         } catch let e as WeChatError {
             throw Rejection.forbidden(e.message)
@@ -164,18 +194,18 @@ public struct IngressHandler: Sendable {
     }
 
     /// Parses the body; in safe and compatible modes verifies `msg_signature` and decrypts.
-    private func decode(_ body: ByteBuffer, query q: Parameters) throws -> Inbound {
+    private func decode(_ body: ByteBuffer, query q: Parameters, _ account: IngressAccount) throws -> Inbound {
         let bytes = Array(body.readableBytesView)
         guard !bytes.isEmpty else { throw Rejection.badRequest("empty body") }
         let limits = XMLLimits(maxBytes: configuration.maxBody)
         let root = try parse(bytes, limits: limits)
         guard q.get("encrypt_type") == "aes" else {
-            guard configuration.encryption != .safe else {
+            guard account.encryption != .safe else {
                 throw Rejection.forbidden("safe mode (WECHAT_ENCRYPTION): a push without msg_signature and Encrypt is refused")
             }
-            return Inbound(message: try message(root), xml: bytes, mode: "plaintext")
+            return Inbound(message: try message(root, account), xml: bytes, mode: "plaintext")
         }
-        guard let crypto = configuration.crypto else {
+        guard let crypto = account.crypto else {
             throw Rejection.badRequest("encrypted message, but WECHAT_AES_KEY is not configured")
         }
         guard let msgSignature = q.get("msg_signature") else { throw Rejection.forbidden("missing msg_signature") }
@@ -183,7 +213,7 @@ public struct IngressHandler: Sendable {
             throw Rejection.badRequest("encrypt_type=aes but the body has no <Encrypt>")
         }
         guard let timestamp = q.get("timestamp"), let nonce = q.get("nonce"),
-            let token = configuration.tokens.first(where: {
+            let token = account.tokens.first(where: {
                 WeChatSignature.verify(msgSignature, parts: [$0, timestamp, nonce, encrypted])
             })
         else {
@@ -198,7 +228,7 @@ public struct IngressHandler: Sendable {
         let xml = Array(plain.message.utf8)
         let mode = root[child: "MsgType"] != nil ? "compatible" : "safe"
         return Inbound(
-            message: try message(try parse(xml, limits: limits)), xml: xml, mode: mode, token: token, keyIndex: plain.keyIndex)
+            message: try message(try parse(xml, limits: limits), account), xml: xml, mode: mode, token: token, keyIndex: plain.keyIndex)
     }
 
     private func parse(_ bytes: [UInt8], limits: XMLLimits) throws -> XMLElement {
@@ -209,14 +239,14 @@ public struct IngressHandler: Sendable {
         }
     }
 
-    private func message(_ root: XMLElement) throws -> InboundMessage {
+    private func message(_ root: XMLElement, _ account: IngressAccount) throws -> InboundMessage {
         let m: InboundMessage
         do {
             m = try InboundMessage(root: root)
         } catch let e as WeChatError {
             throw Rejection.badRequest(e.message)
         }
-        if let account = configuration.accountID, m.toUserName != account {
+        if let id = account.accountID, m.toUserName != id {
             throw Rejection.badRequest("ToUserName is not WECHAT_ACCOUNT_ID")
         }
         return m
@@ -228,7 +258,7 @@ public struct IngressHandler: Sendable {
     }
 
     /// Publishes persistently and waits for the broker's confirm (at most INGRESS_CONFIRM_TIMEOUT).
-    private func publish(_ inbound: Inbound, signedQuery: String, receivedAt: Date, replyTo: (queue: String, id: String)?) async throws {
+    private func publish(_ inbound: Inbound, _ account: IngressAccount, signedQuery: String, receivedAt: Date, replyTo: (queue: String, id: String)?) async throws {
         let m = inbound.message
         let ms = Int64(receivedAt.timeIntervalSince1970 * 1000)
         var headers: AMQPTable = [
@@ -246,7 +276,7 @@ public struct IngressHandler: Sendable {
         // message_id is a short string (≤ 255 bytes): the key's fixed-length digest goes there.
         let properties = AMQPProperties(
             contentType: "application/xml", headers: headers, persistent: true, correlationID: replyTo?.id,
-            replyTo: replyTo?.queue, messageID: m.dedupID, timestamp: UInt64(ms / 1000), appID: configuration.appID)
+            replyTo: replyTo?.queue, messageID: m.dedupID, timestamp: UInt64(ms / 1000), appID: account.appID)
         let topology = configuration.topology
         let start = ContinuousClock.now
         let deadline = start + configuration.confirmTimeout
@@ -255,7 +285,7 @@ public struct IngressHandler: Sendable {
             do {
                 try await amqp.publish(
                     AMQPMessage(body: inbound.xml, properties: properties), exchange: topology.inboundExchange,
-                    routingKey: topology.routingKey(openID: m.fromUserName), confirmTimeout: deadline - ContinuousClock.now)
+                    routingKey: topology.routingKey(appID: account.appID, openID: m.fromUserName), confirmTimeout: deadline - ContinuousClock.now)
                 metrics.published(after: ContinuousClock.now - start)
                 return
             } catch let e as AMQPError where e.code == .invalidMessage {
@@ -292,11 +322,13 @@ public struct IngressHandler: Sendable {
     /// goes back once the body is written; a body that cannot be written (WeChat hung up), or a
     /// response never written, sends `declined`; a body written whose end fails gets no verdict
     /// (WeChat may have read it: the worker counts the send uncertain).
-    private func passiveResponse(_ offer: PassiveReplies.Offer, _ inbound: Inbound, handshake: PassiveReplies) -> Response {
+    private func passiveResponse(
+        _ offer: PassiveReplies.Offer, _ inbound: Inbound, _ account: IngressAccount, handshake: PassiveReplies
+    ) -> Response {
         var body = offer.xml
         if let token = inbound.token {
             do {
-                guard let crypto = configuration.crypto else { throw WeChatError(.encryptAES, "no WECHAT_AES_KEY") }
+                guard let crypto = account.crypto else { throw WeChatError(.encryptAES, "no WECHAT_AES_KEY") }
                 let nonce = String(UInt64.random(in: 1_000_000_000...9_999_999_999))
                 body = Array(
                     try crypto.encryptedReply(
@@ -378,8 +410,22 @@ public struct IngressHandler: Sendable {
 /// Builds the ingress router: `/wechat` (GET, POST), `/healthz`, `/readyz`, `/metrics`.
 public func buildIngressRouter(_ handler: IngressHandler) -> Router<BasicRequestContext> {
     let router = Router()
-    router.get("/wechat") { request, _ in handler.verify(request) }
-    router.post("/wechat") { request, _ in await handler.receive(request) }
+    router.get("/wechat") { request, _ in
+        guard let account = handler.account(nil) else { return handler.unknownAccount(request) }
+        return handler.verify(request, account: account)
+    }
+    router.post("/wechat") { request, _ in
+        guard let account = handler.account(nil) else { return handler.unknownAccount(request) }
+        return await handler.receive(request, account: account)
+    }
+    router.get("/wechat/:appid") { request, context in
+        guard let account = handler.account(context.parameters.get("appid") ?? "") else { return handler.unknownAccount(request) }
+        return handler.verify(request, account: account)
+    }
+    router.post("/wechat/:appid") { request, context in
+        guard let account = handler.account(context.parameters.get("appid") ?? "") else { return handler.unknownAccount(request) }
+        return await handler.receive(request, account: account)
+    }
     router.get("/healthz") { _, _ in IngressHandler.text(.ok, "ok") }
     router.get("/readyz") { _, _ in
         if handler.amqp.isReady {

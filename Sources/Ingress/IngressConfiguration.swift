@@ -5,13 +5,13 @@ import RelayContract
 
 /// The ingress's settings, from the variables of docs/CONTRACT.md.
 public struct IngressConfiguration: Sendable {
-    public var appID: String
-    /// Tokens accepted for signatures: the current one, then the previous one during a rotation.
-    public var tokens: [String]
-    /// Set when `WECHAT_AES_KEY` is: enables compatible and safe modes (with the previous key for rotation).
-    public var crypto: WeChatMessageCrypto?
-    /// When set, a message whose `ToUserName` differs is rejected.
-    public var accountID: String?
+    /// The accounts served at start (`/wechat/<appid>` each; `/wechat` when there is one);
+    /// ``IngressHandler/reload(_:)`` replaces them.
+    public var accounts: [IngressAccount]
+    /// `WECHAT_ACCOUNTS_FILE`, watched for changes (and re-read on SIGHUP).
+    public var accountsFile: String?
+    /// The first account's mode (the single-account case).
+    public var encryption: Encryption { accounts[0].encryption }
     public var amqp: AMQPConfiguration
     public var host: String
     public var port: Int
@@ -20,9 +20,6 @@ public struct IngressConfiguration: Sendable {
     public var maxBody: Int
     public var confirmTimeout: Duration
     public var topology: WeChatTopology
-    /// The console's message mode (`WECHAT_ENCRYPTION`): in ``Encryption/safe`` a push without
-    /// a valid `msg_signature` and `Encrypt` is refused.
-    public var encryption: Encryption
     /// How long a connection may stay idle (or send nothing of a request) before it is closed (`HTTP_IDLE_TIMEOUT`).
     public var idleTimeout: Duration
     /// How long a push waits, after the confirm, for a passive reply decided by a worker
@@ -49,25 +46,9 @@ public struct IngressConfiguration: Sendable {
 
     /// - Throws: ``ConfigurationError`` naming the variable.
     public init(_ env: RelayEnvironment) throws {
-        let appID = try env.required("WECHAT_APPID")
-        self.appID = appID
-        let token = try env.required("WECHAT_TOKEN", isSecret: true)
-        tokens = [token] + (env.string("WECHAT_PREVIOUS_TOKEN", isSecret: true).map { [$0] } ?? [])
-        func aesKey(_ variable: String) throws -> EncodingAESKey? {
-            guard let text = env.string(variable, isSecret: true) else { return nil }
-            do {
-                return try EncodingAESKey(text)
-            } catch let e as WeChatError {
-                throw ConfigurationError(variable: variable, reason: e.message)
-            }
-        }
-        let key = try aesKey("WECHAT_AES_KEY")
-        let previous = try aesKey("WECHAT_PREVIOUS_AES_KEY")
-        if previous != nil, key == nil {
-            throw ConfigurationError(variable: "WECHAT_PREVIOUS_AES_KEY", reason: "is set but WECHAT_AES_KEY is not")
-        }
-        crypto = key.map { WeChatMessageCrypto(appID: appID, key: $0, previousKey: previous) }
-        accountID = env.string("WECHAT_ACCOUNT_ID")
+        let loaded = try AccountsConfiguration.load(env)
+        accounts = try loaded.accounts.map(IngressAccount.init)
+        accountsFile = loaded.file
         let url = env.string("AMQP_URL", isSecret: true) ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
         do {
             amqp = try AMQPConfiguration(url: url, connectionName: "wechat-ingress")
@@ -81,17 +62,6 @@ public struct IngressConfiguration: Sendable {
         confirmTimeout = .seconds(try env.int("INGRESS_CONFIRM_TIMEOUT", default: 4, range: 1...60))
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
         topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
-        if let text = env.string("WECHAT_ENCRYPTION") {
-            guard let e = Encryption(rawValue: text.lowercased()) else {
-                throw ConfigurationError(variable: "WECHAT_ENCRYPTION", reason: "must be plaintext, compatible or safe")
-            }
-            if e != .plaintext, key == nil {
-                throw ConfigurationError(variable: "WECHAT_ENCRYPTION", reason: "\(e.rawValue) mode needs WECHAT_AES_KEY")
-            }
-            encryption = e
-        } else {
-            encryption = key == nil ? .plaintext : .compatible
-        }
         idleTimeout = .seconds(try env.int("HTTP_IDLE_TIMEOUT", default: 30, range: 1...3600))
         replyWait = try Self.replyWait(env.string("INGRESS_REPLY_WAIT"))
     }
@@ -109,5 +79,51 @@ public struct IngressConfiguration: Sendable {
             throw ConfigurationError(variable: "INGRESS_REPLY_WAIT", reason: "must be seconds from 0 to 15 (up to 3 decimals), not '\(text)'")
         }
         return .seconds(whole) + .milliseconds(fraction)
+    }
+}
+
+/// One account as the ingress sees it: the Tokens and keys its pushes are checked with.
+public struct IngressAccount: Sendable {
+    public var appID: String
+    /// Tokens accepted for signatures: the current one, then the previous one during a rotation.
+    public var tokens: [String]
+    /// Set when the account has an EncodingAESKey: enables compatible and safe modes (with the previous key for rotation).
+    public var crypto: WeChatMessageCrypto?
+    /// When set, a message whose `ToUserName` differs is rejected.
+    public var accountID: String?
+    /// The console's message mode: in ``IngressConfiguration/Encryption/safe`` a push without
+    /// a valid `msg_signature` and `Encrypt` is refused.
+    public var encryption: IngressConfiguration.Encryption
+
+    /// - Throws: ``ConfigurationError`` naming the variable or the accounts file's entry.
+    public init(_ spec: AccountSpec) throws {
+        appID = spec.appID
+        tokens = [try spec.require(.token)] + (spec.previousToken.map { [$0] } ?? [])
+        func aesKey(_ field: AccountSpec.Field, _ text: String?) throws -> EncodingAESKey? {
+            guard let text else { return nil }
+            do {
+                return try EncodingAESKey(text)
+            } catch let e as WeChatError {
+                throw ConfigurationError(variable: spec.place(field), reason: e.message)
+            }
+        }
+        let key = try aesKey(.aesKey, spec.aesKey)
+        let previous = try aesKey(.previousAESKey, spec.previousAESKey)
+        if previous != nil, key == nil {
+            throw ConfigurationError(variable: spec.place(.previousAESKey), reason: "is set but \(spec.place(.aesKey)) is not")
+        }
+        crypto = key.map { WeChatMessageCrypto(appID: spec.appID, key: $0, previousKey: previous) }
+        accountID = spec.accountID
+        if let text = spec.mode {
+            guard let e = IngressConfiguration.Encryption(rawValue: text) else {
+                throw ConfigurationError(variable: spec.place(.mode), reason: "must be plaintext, compatible or safe")
+            }
+            if e != .plaintext, key == nil {
+                throw ConfigurationError(variable: spec.place(.mode), reason: "\(e.rawValue) mode needs \(spec.place(.aesKey))")
+            }
+            encryption = e
+        } else {
+            encryption = key == nil ? .plaintext : .compatible
+        }
     }
 }

@@ -1,6 +1,7 @@
 import CoreMetrics
 import Metrics
 import Prometheus
+import Synchronization
 import RelayCore
 
 /// The ingress's metrics, in a Prometheus registry of its own (so tests can
@@ -9,6 +10,8 @@ public struct IngressMetrics: Sendable {
     /// How a request ended; the `outcome` label of `wechat_ingress_requests_total`.
     public enum Outcome: String, Sendable, CaseIterable {
         case accepted, verified, forbidden, badRequest = "bad_request", tooLarge = "too_large", unavailable
+        /// A path `/wechat/<appid>` of no configured account (404).
+        case unknownAccount = "unknown_account"
     }
 
     public let registry: PrometheusCollectorRegistry
@@ -49,6 +52,19 @@ public struct IngressMetrics: Sendable {
     }
 
     func count(_ outcome: Outcome) { requests[outcome]?.increment() }
+
+    /// Pushes accepted per account: `wechat_ingress_accepted_total{appid}`.
+    func accepted(appID: String) {
+        let counter = perAccount.withLock { m in
+            if let c = m[appID] { return c }
+            let c = CoreMetrics.Counter(
+                label: "wechat_ingress_accepted_total", dimensions: [("appid", appID)], factory: PrometheusMetricsFactory(registry: registry))
+            m[appID] = c
+            return c
+        }
+        counter.increment()
+    }
+    private let perAccount = LockedValue<[String: CoreMetrics.Counter]>([:])
     func published(after d: Duration) { publishLatency.recordNanoseconds(d.wholeNanoseconds) }
     func body(_ bytes: Int) { bodySizes.record(bytes) }
 

@@ -21,12 +21,19 @@ public struct WorkerKeys: Sendable, Hashable {
     public func passiveDecision(_ dedupID: String) -> String { "\(prefix):\(appID):msg:\(dedupID):passive" }
     /// `<prefix>:<appid>:query:<sha256(timestamp:nonce:signature)>` (string): the message that used a signed query.
     public func signedQuery(_ digest: String) -> String { "\(prefix):\(appID):query:\(digest)" }
-    /// `<prefix>:<appid>:workers` (sorted set): the live workers' heartbeats.
-    public var workers: String { "\(prefix):\(appID):workers" }
-    /// `<prefix>:<appid>:fence:<shard>` (integer): the shard's fencing token, raised by each
+    /// `<prefix>:workers` (sorted set): the live workers' heartbeats. One per deployment, not per
+    /// account: every account's messages share the shard queues.
+    public var workers: String { "\(prefix):workers" }
+    /// `<prefix>:fence:<shard>` (integer): the shard's fencing token, raised by each
     /// worker that becomes the shard's active consumer; a worker holding an older token may
-    /// neither change a session nor send.
-    public func fence(_ shard: Int) -> String { "\(prefix):\(appID):fence:\(shard)" }
+    /// neither change a session nor send. Per deployment, like the shards.
+    public func fence(_ shard: Int) -> String { "\(prefix):fence:\(shard)" }
+    /// `<prefix>:<appid>:send_rate` (string): the account's send-rate limiter (GCRA: the
+    /// theoretical arrival time, µs), shared by every worker.
+    public var sendRate: String { "\(prefix):\(appID):send_rate" }
+    /// `<prefix>:<appid>:quota:<yyyymmdd>` (integer): customer-service sends accepted by WeChat on
+    /// that day (Beijing time, when WeChat's daily quota resets), kept two days.
+    public func quota(day: String) -> String { "\(prefix):\(appID):quota:\(day)" }
 }
 
 /// Where tokend keeps the shared credentials (documented in docs/tokend.md):

@@ -5,7 +5,7 @@
 ///
 /// With the default prefix `wechat`:
 /// - `wechat.inbound` (direct, durable): the ingress publishes each message with
-///   routing key `shard.N`, N = FNV-1a(OpenID) mod ``shardCount``, so all of one
+///   routing key `shard.N`, N = FNV-1a(AppID, OpenID) mod ``shardCount``, so all of one
 ///   user's messages land in the same queue, in arrival order.
 /// - `wechat.inbound.N` (quorum; single active consumer; dead-letters to
 ///   `wechat.dead`): one queue per shard.
@@ -29,9 +29,16 @@ public struct WeChatTopology: Sendable, Hashable {
     public func shardQueue(_ n: Int) -> String { "\(prefix).inbound.\(n)" }
     public func shardRoutingKey(_ n: Int) -> String { "shard.\(n)" }
 
-    /// The shard of a user: FNV-1a over the OpenID's UTF-8 bytes.
-    public func shard(openID: String) -> Int {
+    /// The shard of a user of an account: FNV-1a over the AppID's UTF-8 bytes, a newline, and
+    /// the OpenID's (an OpenID is unique only within its account; accounts share the shard queues).
+    public func shard(appID: String, openID: String) -> Int {
         var hash: UInt32 = 2_166_136_261
+        for b in appID.utf8 {
+            hash ^= UInt32(b)
+            hash = hash &* 16_777_619
+        }
+        hash ^= 0x0A
+        hash = hash &* 16_777_619
         for b in openID.utf8 {
             hash ^= UInt32(b)
             hash = hash &* 16_777_619
@@ -39,7 +46,7 @@ public struct WeChatTopology: Sendable, Hashable {
         return Int(hash % UInt32(shardCount))
     }
 
-    public func routingKey(openID: String) -> String { shardRoutingKey(shard(openID: openID)) }
+    public func routingKey(appID: String, openID: String) -> String { shardRoutingKey(shard(appID: appID, openID: openID)) }
 
     /// Header names on inbound messages.
     public enum Header {

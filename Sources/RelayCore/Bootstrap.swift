@@ -23,10 +23,11 @@ public enum RelayBootstrap {
         return level
     }
 
-    /// The executable's logger, every line tagged with the account's AppID.
-    public static func logger(_ label: String, appID: String) -> Logger {
+    /// The executable's logger, every line tagged with the account's AppID when it serves one
+    /// account (with several, the lines about one account carry its AppID themselves).
+    public static func logger(_ label: String, appIDs: [String]) -> Logger {
         var logger = Logger(label: label)
-        logger[metadataKey: "wechat.appid"] = "\(appID)"
+        if appIDs.count == 1 { logger[metadataKey: "wechat.appid"] = "\(appIDs[0])" }
         return logger
     }
 

@@ -10,16 +10,37 @@ import WeChat
 /// `errcode`/`errmsg`. Extra routes under `/sim/` inspect what was sent,
 /// inject faults and tell the platform about pushes made by another process.
 public struct FakeAPI: Sendable {
+    /// The first account's platform (the single-account case).
     public let platform: FakePlatform
+    /// Every account's platform, the first one included: an API call belongs to the account
+    /// whose AppID (token requests) or token (everything else) it carries; `/sim/…` requests
+    /// take `?appid=` (default: the first account).
+    public let platforms: [FakePlatform]
     /// The toy decision service at `/sim/decide`.
     public let decider: ToyDecider
     let logger: Logger
 
-    public init(platform: FakePlatform, decider: ToyDecider = ToyDecider(), logger: Logger) {
+    public init(platform: FakePlatform, others: [FakePlatform] = [], decider: ToyDecider = ToyDecider(), logger: Logger) {
         self.platform = platform
+        self.platforms = [platform] + others
         self.decider = decider
         self.logger = logger
     }
+
+    /// The platform of an AppID (the first one when nil or unknown: it then refuses the call).
+    func platform(appID: String?) -> FakePlatform {
+        guard let appID else { return platform }
+        return platforms.first { $0.settings.appID == appID } ?? platform
+    }
+
+    /// The platform that issued an access_token (the first one when none did: it refuses it).
+    func platform(token: String?) -> FakePlatform {
+        guard let token, platforms.count > 1 else { return platform }
+        return platforms.first { $0.issued(token) } ?? platform
+    }
+
+    /// The platform a `/sim/…` request names with `?appid=`.
+    func platform(_ request: Request) -> FakePlatform { platform(appID: request.uri.queryParameters.get("appid")) }
 
     public func router() -> Router<BasicRequestContext> {
         let router = Router()
@@ -35,22 +56,22 @@ public struct FakeAPI: Sendable {
         api.get("menu/delete") { request, _ in await faulty(request) { menuDelete(request) } }
 
         router.get("/sim/messages") { request, _ in
-            Self.json(platform.messages(touser: request.uri.queryParameters.get("touser")))
+            Self.json(platform(request).messages(touser: request.uri.queryParameters.get("touser")))
         }
         router.get("/sim/count") { request, _ in
-            Self.json(["count": platform.count(touser: request.uri.queryParameters.get("touser"))])
+            Self.json(["count": platform(request).count(touser: request.uri.queryParameters.get("touser"))])
         }
-        router.delete("/sim/messages") { _, _ in
-            platform.clearMessages()
+        router.delete("/sim/messages") { request, _ in
+            platform(request).clearMessages()
             return Self.json(["cleared": true])
         }
-        router.get("/sim/faults") { _, _ in Self.json(platform.faults) }
+        router.get("/sim/faults") { request, _ in Self.json(platform(request).faults) }
         router.post("/sim/faults") { request, _ in
             let body = try await request.body.collect(upTo: 64 << 10)
             guard let faults = try? JSONDecoder().decode(FakePlatform.Faults.self, from: Data(body.readableBytesView)) else {
                 return Self.status(.badRequest, "expected {errorRate, latencyMs, dropRate, expireTokens, quotaExhausted}")
             }
-            platform.faults = faults
+            platform(request).faults = faults
             logger.notice("faults set", metadata: ["sim.faults": "\(faults)"])
             return Self.json(faults)
         }
@@ -58,7 +79,7 @@ public struct FakeAPI: Sendable {
             guard let openID = context.parameters.get("openid"), let type = request.uri.queryParameters.get("msgtype") else {
                 return Self.status(.badRequest, "need /sim/users/{openid}/pushed?msgtype=…[&event=…]")
             }
-            platform.userPushed(openID: openID, msgType: type, event: request.uri.queryParameters.get("event"))
+            platform(request).userPushed(openID: openID, msgType: type, event: request.uri.queryParameters.get("event"))
             return Self.json(["ok": true])
         }
         decider.addRoutes(to: router)
@@ -71,6 +92,7 @@ public struct FakeAPI: Sendable {
     private func token(_ request: Request) -> Response {
         let q = request.uri.queryParameters
         guard q.get("grant_type") == "client_credential" else { return Self.error(40002, "invalid grant_type") }
+        let platform = self.platform(appID: q.get("appid"))
         if let e = platform.checkCredentials(appID: q.get("appid"), secret: q.get("secret")) { return Self.json(e) }
         return Self.json(platform.issueToken())
     }
@@ -81,12 +103,14 @@ public struct FakeAPI: Sendable {
             return Self.error(47001, "data format error")
         }
         guard r.grantType == "client_credential" else { return Self.error(40002, "invalid grant_type") }
+        let platform = self.platform(appID: r.appid)
         if let e = platform.checkCredentials(appID: r.appid, secret: r.secret) { return Self.json(e) }
         return Self.json(platform.issueStableToken(forceRefresh: r.forceRefresh))
     }
 
     private func ticket(_ request: Request) -> Response {
         let q = request.uri.queryParameters
+        let platform = self.platform(token: q.get("access_token"))
         if let e = platform.checkToken(q.get("access_token")) { return Self.json(e) }
         guard q.get("type") == "jsapi" else { return Self.error(40097, "invalid args: type must be jsapi") }
         return Self.json(platform.issueTicket())
@@ -95,6 +119,7 @@ public struct FakeAPI: Sendable {
     // MARK: - Messages
 
     private func customSend(_ request: Request) async throws -> Response {
+        let platform = self.platform(token: request.uri.queryParameters.get("access_token"))
         if let e = platform.checkToken(request.uri.queryParameters.get("access_token")) { return Self.json(e) }
         guard let body = try await Self.body(request) else { return Self.error(44002, "empty post data") }
         let text = String(decoding: body, as: UTF8.self)
@@ -122,6 +147,7 @@ public struct FakeAPI: Sendable {
     }
 
     private func typing(_ request: Request) async throws -> Response {
+        let platform = self.platform(token: request.uri.queryParameters.get("access_token"))
         if let e = platform.checkToken(request.uri.queryParameters.get("access_token")) { return Self.json(e) }
         guard let body = try await Self.body(request) else { return Self.error(44002, "empty post data") }
         guard let t = try? JSONDecoder().decode(TypingCommand.self, from: Data(body)), !t.touser.isEmpty else {
@@ -132,6 +158,7 @@ public struct FakeAPI: Sendable {
     }
 
     private func templateSend(_ request: Request) async throws -> Response {
+        let platform = self.platform(token: request.uri.queryParameters.get("access_token"))
         if let e = platform.checkToken(request.uri.queryParameters.get("access_token")) { return Self.json(e) }
         guard let body = try await Self.body(request) else { return Self.error(44002, "empty post data") }
         guard let t = try? JSONDecoder().decode(TemplateMessage.self, from: Data(body)) else {
@@ -148,6 +175,7 @@ public struct FakeAPI: Sendable {
     // MARK: - Menu
 
     private func menuCreate(_ request: Request) async throws -> Response {
+        let platform = self.platform(token: request.uri.queryParameters.get("access_token"))
         if let e = platform.checkToken(request.uri.queryParameters.get("access_token")) { return Self.json(e) }
         guard let body = try await Self.body(request) else { return Self.error(44002, "empty post data") }
         guard let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
@@ -160,12 +188,14 @@ public struct FakeAPI: Sendable {
     }
 
     private func menuGet(_ request: Request) -> Response {
+        let platform = self.platform(token: request.uri.queryParameters.get("access_token"))
         if let e = platform.checkToken(request.uri.queryParameters.get("access_token")) { return Self.json(e) }
         guard let menu = platform.menu else { return Self.error(46003, "menu no exist") }
         return Self.raw("{\"menu\":\(menu)}")
     }
 
     private func menuDelete(_ request: Request) -> Response {
+        let platform = self.platform(token: request.uri.queryParameters.get("access_token"))
         if let e = platform.checkToken(request.uri.queryParameters.get("access_token")) { return Self.json(e) }
         platform.menu = nil
         return Self.error(0, "ok")
@@ -175,6 +205,8 @@ public struct FakeAPI: Sendable {
 
     /// Applies the injected faults around an API call.
     private func faulty(_ request: Request, _ body: () async throws -> Response) async -> Response {
+        let q = request.uri.queryParameters
+        let platform = q.get("access_token").map { self.platform(token: $0) } ?? self.platform(appID: q.get("appid"))
         platform.noteArrival()
         let f = platform.faults
         if f.latencyMs > 0 { try? await Task.sleep(for: .milliseconds(f.latencyMs)) }

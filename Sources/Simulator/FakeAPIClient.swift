@@ -7,13 +7,21 @@ import WeChat
 /// (so the customer-service window opens) and reads recorded replies.
 public struct FakeAPIClient: Sendable {
     public var baseURL: String
+    /// The account (with several configured in the fake API); nil: its first.
+    public var appID: String?
 
-    public init(baseURL: String) { self.baseURL = baseURL }
+    public init(baseURL: String, appID: String? = nil) {
+        self.baseURL = baseURL
+        self.appID = appID
+    }
+
+    private var account: String { appID.map { "&appid=\($0)" } ?? "" }
 
     /// Tells the fake API about a push; returns how many messages were recorded for the user before it.
     public func register(push message: InboundMessage, client: HTTPClient) async throws -> Int {
         var url = "\(baseURL)/sim/users/\(message.fromUserName)/pushed?msgtype=\(message.msgType)"
         if let event = message.event { url += "&event=\(event)" }
+        url += account
         var request = HTTPClientRequest(url: url)
         request.method = .POST
         let response = try await client.execute(request, timeout: .seconds(5))
@@ -22,7 +30,7 @@ public struct FakeAPIClient: Sendable {
     }
 
     public func messages(to openID: String, client: HTTPClient) async throws -> [FakePlatform.Recorded] {
-        let response = try await client.execute(HTTPClientRequest(url: "\(baseURL)/sim/messages?touser=\(openID)"), timeout: .seconds(5))
+        let response = try await client.execute(HTTPClientRequest(url: "\(baseURL)/sim/messages?touser=\(openID)\(account)"), timeout: .seconds(5))
         let body = try await response.body.collect(upTo: 16 << 20)
         return try JSONDecoder().decode([FakePlatform.Recorded].self, from: Data(body.readableBytesView))
     }

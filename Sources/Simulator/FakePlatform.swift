@@ -185,6 +185,12 @@ public final class FakePlatform: Sendable {
     /// How many times each token endpoint was called (tests count upstream calls with it).
     package var tokenCalls: (token: Int, stableToken: Int) { state.withLock { ($0.tokenCalls, $0.stableTokenCalls) } }
 
+    /// Whether this platform issued `token` (an access_token or a stable token), valid or not:
+    /// with several accounts, the fake API finds an API call's account by its token.
+    public func issued(_ token: String) -> Bool {
+        state.withLock { s in s.tokens[token] != nil || s.stableToken?.value == token }
+    }
+
     /// Checks an `access_token`: nil when valid, else 41001 (missing), 40014 (never issued),
     /// 42001 (expired), 40001 (superseded and past the overlap).
     public func checkToken(_ token: String?) -> APIErrorResponse? {

@@ -86,7 +86,7 @@ public final class TokenClient: Sendable {
     public func tokenRejected(_ stale: String) async throws -> String {
         cache.withLock { $0 = nil }
         guard let tokendURL else { return try await reload().value }
-        var request = HTTPClientRequest(url: "\(tokendURL)/v1/access-token/refresh")
+        var request = HTTPClientRequest(url: "\(tokendURL)/v1/accounts/\(keys.appID)/access-token/refresh")
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
         if let tokendSecret { request.headers.add(name: "Authorization", value: "Bearer \(tokendSecret)") }

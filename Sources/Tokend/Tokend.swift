@@ -8,14 +8,20 @@ import Prometheus
 import Redis
 import RelayCore
 import ServiceLifecycle
+import Synchronization
 import TokenClient
 import WeChat
 import RelayContract
 
 /// tokend's settings (docs/CONTRACT.md, plus `TOKEND_FETCH_MODE` and `TOKEND_REFRESH_MARGIN`).
 public struct TokendConfiguration: Sendable {
-    public var appID: String
-    public var secret: String
+    /// The accounts whose credentials tokend keeps (the single-account variables' and
+    /// `WECHAT_ACCOUNTS_FILE`'s); ``Tokend/reload(_:)`` replaces them.
+    public var accounts: [TokendAccountSettings]
+    /// `WECHAT_ACCOUNTS_FILE`, watched for changes (and re-read on SIGHUP).
+    public var accountsFile: String?
+    /// The first account's AppID (the single-account case).
+    public var appID: String { accounts[0].appID }
     public var apiURL: String
     public var redis: RedisConfiguration
     public var bearer: String
@@ -24,11 +30,15 @@ public struct TokendConfiguration: Sendable {
     public var endpoint: WeChatUpstream.TokenEndpoint
     /// Refresh when less than this is left (default 10 minutes).
     public var margin: Duration
-    public var keys: TokenKeys
+    /// `WECHAT_QUEUE_PREFIX`: every Redis key under it, like the worker's, so deployments can share a Redis.
+    public var prefix: String
+    /// The first account's keys.
+    public var keys: TokenKeys { TokenKeys(appID: appID, prefix: prefix) }
 
     public init(_ env: RelayEnvironment) throws {
-        appID = try env.required("WECHAT_APPID")
-        secret = try env.required("WECHAT_SECRET", isSecret: true)
+        let loaded = try AccountsConfiguration.load(env)
+        accounts = try Self.accounts(loaded)
+        accountsFile = loaded.file
         apiURL = env.string("WECHAT_API_URL") ?? "https://api.weixin.qq.com"
         do {
             redis = try RedisConfiguration(url: env.string("REDIS_URL", isSecret: true) ?? "redis://127.0.0.1:6379/0")
@@ -44,54 +54,40 @@ public struct TokendConfiguration: Sendable {
         }
         endpoint = e
         margin = .seconds(try env.int("TOKEND_REFRESH_MARGIN", default: 600, range: 1...7000))
-        // Every Redis key under WECHAT_QUEUE_PREFIX, like the worker's, so deployments can share a Redis.
-        keys = TokenKeys(appID: appID, prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
+        prefix = env.string("WECHAT_QUEUE_PREFIX") ?? "wechat"
+    }
+
+    /// Every account needs its AppSecret.
+    public static func accounts(_ loaded: AccountsConfiguration) throws -> [TokendAccountSettings] {
+        try loaded.accounts.map { TokendAccountSettings(appID: $0.appID, secret: try $0.require(.secret)) }
     }
 }
 
-/// The central control server: keeps the access_token and the jsapi_ticket fresh in Redis.
-public final class Tokend: Sendable {
-    public let configuration: TokendConfiguration
-    public let redis: RedisPool
+/// One account's credentials for tokend.
+public struct TokendAccountSettings: Sendable, Equatable {
+    public var appID: String
+    public var secret: String
+}
+
+/// One account's two keepers (access_token and jsapi_ticket), with their upstream.
+public final class TokendAccount: Sendable {
+    public let settings: TokendAccountSettings
+    public var appID: String { settings.appID }
     public let accessToken: CredentialKeeper
     public let jsapiTicket: CredentialKeeper
-    public let registry: PrometheusCollectorRegistry
-    let logger: Logger
-    private let refreshes: @Sendable (String, RefreshReason) -> Void
-    private let upstreamErrors: CoreMetrics.Counter
-    private let tokenAge: CoreMetrics.Gauge
-    /// Every refresh, for this repository's tests.
-    package let events: AsyncStream<RefreshEvent>
-    private let eventSink: AsyncStream<RefreshEvent>.Continuation
 
-    public init(configuration: TokendConfiguration, redis: RedisPool, http: HTTPClient = .shared, logger: Logger, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
-        self.configuration = configuration
-        self.redis = redis
-        self.logger = logger
-        self.registry = registry
-        let factory = PrometheusMetricsFactory(registry: registry)
-        let counters = ["access_token", "jsapi_ticket"].flatMap { kind in
-            [RefreshReason.missing, .proactive, .passive].map { reason in
-                ("\(kind)/\(reason.rawValue)", CoreMetrics.Counter(
-                    label: "tokend_refreshes_total", dimensions: [("kind", kind), ("reason", reason.rawValue)], factory: factory))
-            }
-        }
-        let byKey = Dictionary(uniqueKeysWithValues: counters)
-        refreshes = { kind, reason in byKey["\(kind)/\(reason.rawValue)"]?.increment() }
-        upstreamErrors = CoreMetrics.Counter(label: "tokend_upstream_errors_total", factory: factory)
-        tokenAge = CoreMetrics.Gauge(label: "tokend_token_age_seconds", factory: factory)
-        (events, eventSink) = AsyncStream<RefreshEvent>.makeStream()
+    init(
+        _ settings: TokendAccountSettings, configuration: TokendConfiguration, redis: RedisPool, http: HTTPClient, logger: Logger,
+        onEvent: @escaping @Sendable (RefreshEvent) -> Void
+    ) {
+        self.settings = settings
+        var logger = logger
+        logger[metadataKey: "wechat.appid"] = "\(settings.appID)"
+        let keys = TokenKeys(appID: settings.appID, prefix: configuration.prefix)
         let upstream = WeChatUpstream(
-            apiURL: configuration.apiURL, appID: configuration.appID, secret: configuration.secret,
-            endpoint: configuration.endpoint, http: http)
-        let sink = eventSink
-        let count = refreshes
-        let onEvent: @Sendable (RefreshEvent) -> Void = { e in
-            count(e.kind, e.reason)
-            sink.yield(e)
-        }
+            apiURL: configuration.apiURL, appID: settings.appID, secret: settings.secret, endpoint: configuration.endpoint, http: http)
         let tokenKeeper = CredentialKeeper(
-            kind: "access_token", key: configuration.keys.accessToken, redis: redis, margin: configuration.margin,
+            kind: "access_token", key: keys.accessToken, redis: redis, margin: configuration.margin,
             logger: logger,
             fetch: { reason, _ in
                 let r = try await upstream.accessToken(force: reason == .passive)
@@ -99,7 +95,7 @@ public final class Tokend: Sendable {
             }, onEvent: onEvent)
         accessToken = tokenKeeper
         jsapiTicket = CredentialKeeper(
-            kind: "jsapi_ticket", key: configuration.keys.jsapiTicket, redis: redis, margin: configuration.margin,
+            kind: "jsapi_ticket", key: keys.jsapiTicket, redis: redis, margin: configuration.margin,
             logger: logger,
             fetch: { _, _ in
                 var token = try await tokenKeeper.refresh(.missing).value
@@ -113,28 +109,119 @@ public final class Tokend: Sendable {
                 }
             }, onEvent: onEvent)
     }
+}
 
-    /// Why tokend is not ready, or nil when it is: Redis reachable, a valid token stored,
-    /// and no configuration error from WeChat (bad appid, bad secret, IP not whitelisted).
-    public func notReadyReason() async -> String? {
-        if let e = await accessToken.lastError, e.disposition == .alert {
-            return "WeChat refuses our credentials: \(e) — check WECHAT_APPID, WECHAT_SECRET and the IP whitelist"
-        }
-        do {
-            guard let c = try await accessToken.current(), c.isValid(at: CredentialKeeper.wallClock()) else {
-                if let e = await accessToken.lastError { return "no valid access_token yet: \(e)" }
-                return "no valid access_token yet"
+/// The central control server: keeps each account's access_token and jsapi_ticket fresh in Redis.
+public final class Tokend: Sendable {
+    public let configuration: TokendConfiguration
+    public let redis: RedisPool
+    public let registry: PrometheusCollectorRegistry
+    let logger: Logger
+    let http: HTTPClient
+    private let accounts: Mutex<[String: TokendAccount]>
+    private let onEvent: @Sendable (RefreshEvent) -> Void
+    private let upstreamErrors: CoreMetrics.Counter
+    private let tokenAge: CoreMetrics.Gauge
+    /// Every refresh, for this repository's tests.
+    package let events: AsyncStream<RefreshEvent>
+    private let eventSink: AsyncStream<RefreshEvent>.Continuation
+
+    public init(configuration: TokendConfiguration, redis: RedisPool, http: HTTPClient = .shared, logger: Logger, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.configuration = configuration
+        self.redis = redis
+        self.logger = logger
+        self.registry = registry
+        self.http = http
+        let factory = PrometheusMetricsFactory(registry: registry)
+        let counters = ["access_token", "jsapi_ticket"].flatMap { kind in
+            [RefreshReason.missing, .proactive, .passive].map { reason in
+                ("\(kind)/\(reason.rawValue)", CoreMetrics.Counter(
+                    label: "tokend_refreshes_total", dimensions: [("kind", kind), ("reason", reason.rawValue)], factory: factory))
             }
-            return nil
-        } catch {
-            return "Redis unreachable: \(error)"
         }
+        let byKey = Dictionary(uniqueKeysWithValues: counters)
+        upstreamErrors = CoreMetrics.Counter(label: "tokend_upstream_errors_total", factory: factory)
+        tokenAge = CoreMetrics.Gauge(label: "tokend_token_age_seconds", factory: factory)
+        (events, eventSink) = AsyncStream<RefreshEvent>.makeStream()
+        let sink = eventSink
+        onEvent = { e in
+            byKey["\(e.kind)/\(e.reason.rawValue)"]?.increment()
+            sink.yield(e)
+        }
+        accounts = Mutex([:])
+        let built = configuration.accounts.map {
+            TokendAccount($0, configuration: configuration, redis: redis, http: http, logger: logger, onEvent: onEvent)
+        }
+        accounts.withLock { a in for k in built { a[k.appID] = k } }
+    }
+
+    /// The first configured account's access_token keeper (the single-account case).
+    public var accessToken: CredentialKeeper { first.accessToken }
+    /// The first configured account's jsapi_ticket keeper.
+    public var jsapiTicket: CredentialKeeper { first.jsapiTicket }
+    private var first: TokendAccount {
+        let id = configuration.accounts[0].appID
+        return accounts.withLock { a in a[id] ?? a.values.sorted { $0.appID < $1.appID }[0] }
+    }
+
+    /// The account `/v1/accounts/<appid>/…` names, or the only one for the paths without an
+    /// AppID (nil when several are configured: those paths then answer 404).
+    public func account(_ appID: String?) -> TokendAccount? {
+        accounts.withLock { a in
+            guard let appID else { return a.count == 1 ? a.first?.value : nil }
+            return a[appID]
+        }
+    }
+
+    /// Every account, sorted by AppID.
+    public var allAccounts: [TokendAccount] { accounts.withLock { Array($0.values) }.sorted { $0.appID < $1.appID } }
+
+    /// Replaces the accounts (a reload): an account whose AppID and secret did not change keeps
+    /// its keepers (and their in-flight refreshes); a removed one is no longer served or refreshed
+    /// (its credentials stay in Redis until they expire).
+    public func reload(_ loaded: AccountsConfiguration) throws {
+        let wanted = try TokendConfiguration.accounts(loaded)
+        accounts.withLock { a in
+            var next: [String: TokendAccount] = [:]
+            for s in wanted {
+                if let kept = a[s.appID], kept.settings == s {
+                    next[s.appID] = kept
+                } else {
+                    next[s.appID] = TokendAccount(s, configuration: configuration, redis: redis, http: http, logger: logger, onEvent: onEvent)
+                }
+            }
+            a = next
+        }
+    }
+
+    /// Why tokend is not ready, or nil when it is: Redis reachable, a valid token stored for
+    /// every account, and no configuration error from WeChat (bad appid, bad secret, IP not whitelisted).
+    public func notReadyReason() async -> String? {
+        for account in allAccounts {
+            let prefix = configuration.accounts.count == 1 && allAccounts.count == 1 ? "" : "\(account.appID): "
+            if let e = await account.accessToken.lastError, e.disposition == .alert {
+                return prefix + "WeChat refuses our credentials: \(e) — check WECHAT_APPID, WECHAT_SECRET and the IP whitelist"
+            }
+            do {
+                guard let c = try await account.accessToken.current(), c.isValid(at: CredentialKeeper.wallClock()) else {
+                    if let e = await account.accessToken.lastError { return prefix + "no valid access_token yet: \(e)" }
+                    return prefix + "no valid access_token yet"
+                }
+            } catch {
+                return "Redis unreachable: \(error)"
+            }
+        }
+        return nil
     }
 
     func recordUpstreamError(_ error: any Error) { if error is UpstreamError { upstreamErrors.increment() } }
 
     func renderMetrics() async -> String {
-        if let c = try? await accessToken.current() { tokenAge.record(CredentialKeeper.wallClock() - c.fetchedAt) }
+        var oldest: Int64?
+        for account in allAccounts {
+            if let c = try? await account.accessToken.current() { oldest = max(oldest ?? 0, CredentialKeeper.wallClock() - c.fetchedAt) }
+        }
+        if let oldest { tokenAge.record(oldest) }
         return registry.emitToString()
     }
 }
@@ -147,28 +234,41 @@ public struct TokendRefresher: Service {
     public init(tokend: Tokend) { self.tokend = tokend }
 
     public func run() async throws {
-        var backoff: Duration = .seconds(1)
+        // Per account: when it is due, and its back-off. One account failing (a wrong secret)
+        // neither stops nor speeds up the others' refreshes.
+        var due: [String: ContinuousClock.Instant] = [:]
+        var backoff: [String: Duration] = [:]
         while !Task.isCancelled, !Task.isShuttingDownGracefully {
-            var next: Duration = .seconds(60)
-            do {
-                for keeper in [tokend.accessToken, tokend.jsapiTicket] {
-                    let had = try await keeper.current()
-                    let c = try await keeper.refresh(had == nil ? .missing : .proactive)
-                    // Due again at the margin (or the renewal point, when the upstream handed
-                    // back the same value); at least every 60 s, at most every second.
-                    let due = Double(await keeper.nextCheck(for: c) - CredentialKeeper.wallClock())
-                    next = min(next, .seconds(max(1, min(60, due))))
+            let accounts = tokend.allAccounts
+            for account in accounts where (due[account.appID] ?? .now) <= .now {
+                var next: Duration = .seconds(60)
+                do {
+                    for keeper in [account.accessToken, account.jsapiTicket] {
+                        let had = try await keeper.current()
+                        let c = try await keeper.refresh(had == nil ? .missing : .proactive)
+                        // Due again at the margin (or the renewal point, when the upstream handed
+                        // back the same value); at least every 60 s, at most every second.
+                        let left = Double(await keeper.nextCheck(for: c) - CredentialKeeper.wallClock())
+                        next = min(next, .seconds(max(1, min(60, left))))
+                    }
+                    backoff[account.appID] = nil
+                } catch {
+                    tokend.recordUpstreamError(error)
+                    let alert = (error as? UpstreamError)?.disposition == .alert
+                    let b = backoff[account.appID] ?? .seconds(1)
+                    tokend.logger.log(
+                        level: alert ? .critical : .error, "refresh failed; retrying",
+                        metadata: ["wechat.appid": "\(account.appID)", "error": "\(error)", "retry_in": "\(alert ? Duration.seconds(60) : b)"])
+                    next = alert ? .seconds(60) : b
+                    backoff[account.appID] = min(b * 2, .seconds(60))
                 }
-                backoff = .seconds(1)
-            } catch {
-                tokend.recordUpstreamError(error)
-                let alert = (error as? UpstreamError)?.disposition == .alert
-                tokend.logger.log(
-                    level: alert ? .critical : .error, "refresh failed; retrying",
-                    metadata: ["error": "\(error)", "retry_in": "\(alert ? Duration.seconds(60) : backoff)"])
-                next = alert ? .seconds(60) : backoff
-                backoff = min(backoff * 2, .seconds(60))
+                due[account.appID] = .now + next
             }
+            let live = Set(accounts.map(\.appID))
+            due = due.filter { live.contains($0.key) }
+            // Wake for the earliest due account, and at least every second (an account added by a reload).
+            let earliest = due.values.min() ?? .now
+            let next = max(.milliseconds(10), min(.seconds(1), earliest - .now))
             let wait = next
             try? await cancelWhenGracefulShutdown { try await Task.sleep(for: wait) }
         }

@@ -25,48 +25,61 @@ public func buildTokendRouter(_ tokend: Tokend) -> Router<BasicRequestContext> {
             return text(.serviceUnavailable, "\(error)")
         }
     }
+    /// The four requests, for one account: `/v1/…` (the only account) and `/v1/accounts/<appid>/…`.
+    func routes(_ group: RouterGroup<BasicRequestContext>, _ resolve: @escaping @Sendable (Request, BasicRequestContext) -> TokendAccount?) {
+        @Sendable func forAccount(_ request: Request, _ context: BasicRequestContext, _ body: (TokendAccount) async throws -> Response) async -> Response {
+            await guarded(request) {
+                guard let account = resolve(request, context) else {
+                    return text(.notFound, "no such account (with several accounts, use /v1/accounts/<appid>/…)")
+                }
+                return try await body(account)
+            }
+        }
+        group.get("access-token") { request, context in
+            await forAccount(request, context) { account in
+                let c = try await account.accessToken.refresh(.missing)
+                return json(AccessTokenAnswer(accessToken: c.value, expiresAt: c.expiresAt))
+            }
+        }
+        group.post("access-token/refresh") { request, context in
+            await forAccount(request, context) { account in
+                let body = try await request.body.collect(upTo: 1 << 16)
+                guard let stale = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["stale_token"],
+                    !stale.isEmpty
+                else {
+                    return text(.badRequest, "expected {\"stale_token\": \"…\"}")
+                }
+                let c = try await account.accessToken.refresh(.passive, stale: stale)
+                return json(AccessTokenAnswer(accessToken: c.value, expiresAt: c.expiresAt))
+            }
+        }
+        group.get("jsapi-ticket") { request, context in
+            await forAccount(request, context) { account in
+                let c = try await account.jsapiTicket.refresh(.missing)
+                return json(TicketAnswer(ticket: c.value, expiresAt: c.expiresAt))
+            }
+        }
+        group.post("jssdk/signature") { request, context in
+            await forAccount(request, context) { account in
+                let body = try await request.body.collect(upTo: 1 << 16)
+                guard let url = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["url"],
+                    !url.isEmpty
+                else {
+                    return text(.badRequest, "expected {\"url\": \"…\"}")
+                }
+                let ticket = try await account.jsapiTicket.refresh(.missing).value
+                let nonce = String((0..<16).map { _ in "abcdefghijklmnopqrstuvwxyz0123456789".randomElement() ?? "a" })
+                let timestamp = Int64(Date().timeIntervalSince1970)
+                return json(
+                    JSSDKSignature(
+                        appId: account.appID, timestamp: timestamp, nonceStr: nonce,
+                        signature: WeChatSignature.jsapiSignature(ticket: ticket, nonceStr: nonce, timestamp: timestamp, url: url)))
+            }
+        }
+    }
     let v1 = router.group("v1")
-    v1.get("access-token") { request, _ in
-        await guarded(request) {
-            let c = try await tokend.accessToken.refresh(.missing)
-            return json(AccessTokenAnswer(accessToken: c.value, expiresAt: c.expiresAt))
-        }
-    }
-    v1.post("access-token/refresh") { request, _ in
-        await guarded(request) {
-            let body = try await request.body.collect(upTo: 1 << 16)
-            guard let stale = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["stale_token"],
-                !stale.isEmpty
-            else {
-                return text(.badRequest, "expected {\"stale_token\": \"…\"}")
-            }
-            let c = try await tokend.accessToken.refresh(.passive, stale: stale)
-            return json(AccessTokenAnswer(accessToken: c.value, expiresAt: c.expiresAt))
-        }
-    }
-    v1.get("jsapi-ticket") { request, _ in
-        await guarded(request) {
-            let c = try await tokend.jsapiTicket.refresh(.missing)
-            return json(TicketAnswer(ticket: c.value, expiresAt: c.expiresAt))
-        }
-    }
-    v1.post("jssdk/signature") { request, _ in
-        await guarded(request) {
-            let body = try await request.body.collect(upTo: 1 << 16)
-            guard let url = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["url"],
-                !url.isEmpty
-            else {
-                return text(.badRequest, "expected {\"url\": \"…\"}")
-            }
-            let ticket = try await tokend.jsapiTicket.refresh(.missing).value
-            let nonce = String((0..<16).map { _ in "abcdefghijklmnopqrstuvwxyz0123456789".randomElement() ?? "a" })
-            let timestamp = Int64(Date().timeIntervalSince1970)
-            return json(
-                JSSDKSignature(
-                    appId: tokend.configuration.appID, timestamp: timestamp, nonceStr: nonce,
-                    signature: WeChatSignature.jsapiSignature(ticket: ticket, nonceStr: nonce, timestamp: timestamp, url: url)))
-        }
-    }
+    routes(v1) { _, _ in tokend.account(nil) }
+    routes(v1.group("accounts/:appid")) { _, context in context.parameters.get("appid").flatMap { tokend.account($0) } }
     router.get("/healthz") { _, _ in text(.ok, "ok") }
     router.get("/readyz") { _, _ in
         if let reason = await tokend.notReadyReason() { return text(.serviceUnavailable, reason) }

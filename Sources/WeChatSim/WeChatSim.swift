@@ -29,7 +29,8 @@ struct APICommand: AsyncParsableCommand {
         commandName: "api",
         abstract: "Serve a fake api.weixin.qq.com (token, stable_token, getticket, custom/send, typing, template/send, menu).",
         discussion: """
-            Needs WECHAT_APPID and WECHAT_SECRET. Inspect what was sent with GET /sim/messages[?touser=…]
+            Needs WECHAT_APPID and WECHAT_SECRET, and/or WECHAT_ACCOUNTS_FILE (every account needs its secret;
+            /sim/… requests then take &appid=…). Inspect what was sent with GET /sim/messages[?touser=…]
             (DELETE clears); set faults with POST /sim/faults {"errorRate":0.1,"latencyMs":50,"dropRate":0,
             "expireTokens":false,"quotaExhausted":false}.
             """
@@ -46,21 +47,24 @@ struct APICommand: AsyncParsableCommand {
         try await exitOnConfigurationError("wechat-sim") {
             let env = try await RelayEnvironment.load()
             try RelayBootstrap.logging(env)
-            var settings = FakePlatform.Settings(appID: try env.required("WECHAT_APPID"), secret: try env.required("WECHAT_SECRET", isSecret: true))
-            settings.tokenLifetime = .seconds(tokenLifetime)
-            settings.overlap = .seconds(overlap)
-            settings.messageQuota = messageQuota
-            let platform = FakePlatform(settings: settings)
-            var faults = FakePlatform.Faults()
-            faults.errorRate = errorRate
-            faults.latencyMs = latencyMs
-            faults.dropRate = dropRate
-            platform.faults = faults
+            let platforms = try AccountsConfiguration.load(env).accounts.map { account in
+                var settings = FakePlatform.Settings(appID: account.appID, secret: try account.require(.secret))
+                settings.tokenLifetime = .seconds(tokenLifetime)
+                settings.overlap = .seconds(overlap)
+                settings.messageQuota = messageQuota
+                let platform = FakePlatform(settings: settings)
+                var faults = FakePlatform.Faults()
+                faults.errorRate = errorRate
+                faults.latencyMs = latencyMs
+                faults.dropRate = dropRate
+                platform.faults = faults
+                return platform
+            }
             let logger = Logger(label: "wechat-sim")
             let host = env.string("HTTP_HOST") ?? "0.0.0.0"
             let port = try env.port("HTTP_PORT", default: 8090)
             let app = Application(
-                router: FakeAPI(platform: platform, logger: logger).router(),
+                router: FakeAPI(platform: platforms[0], others: Array(platforms.dropFirst()), logger: logger).router(),
                 configuration: .init(address: .hostname(host, port: port)), logger: logger)
             logger.info("fake WeChat API listening", metadata: ["http.address": "\(host):\(port)"])
             try await RelayBootstrap.runUntilSignalled([app], logger: logger)
@@ -70,23 +74,36 @@ struct APICommand: AsyncParsableCommand {
 
 /// Options shared by `send` and `verify`.
 struct IngressOptions: ParsableArguments {
-    @Option(help: "The ingress endpoint.") var url: String = "http://127.0.0.1:8080/wechat"
+    @Option(help: "The ingress endpoint (with --appid, /<appid> is added to a URL ending in /wechat).")
+    var url: String = "http://127.0.0.1:8080/wechat"
+    @Option(help: "The account (of WECHAT_ACCOUNTS_FILE, or WECHAT_APPID) to push as; default: the first.") var appid: String?
+
+    /// The account pushed as, and the ingress URL of its path.
+    func account(env: RelayEnvironment) throws -> (spec: AccountSpec, url: String) {
+        let accounts = try AccountsConfiguration.load(env)
+        guard let spec = appid.map({ accounts.account($0) }) ?? accounts.accounts.first else {
+            throw ConfigurationError(variable: "WECHAT_ACCOUNTS_FILE", reason: "no account \(appid ?? "") is configured")
+        }
+        let path = appid != nil && url.hasSuffix("/wechat") ? "\(url)/\(spec.appID)" : url
+        return (spec, path)
+    }
 
     func pusher(mode: Pusher.Mode, env: RelayEnvironment) throws -> Pusher {
+        let (spec, path) = try account(env: env)
         let key: EncodingAESKey?
-        if let text = env.string("WECHAT_AES_KEY", isSecret: true) {
+        if let text = spec.aesKey {
             do { key = try EncodingAESKey(text) } catch let e as WeChatError {
-                throw ConfigurationError(variable: "WECHAT_AES_KEY", reason: e.message)
+                throw ConfigurationError(variable: spec.place(.aesKey), reason: e.message)
             }
         } else {
             key = nil
         }
         if mode != .plaintext, key == nil {
-            throw ConfigurationError(variable: "WECHAT_AES_KEY", reason: "is required for --mode \(mode.rawValue)")
+            throw ConfigurationError(variable: spec.place(.aesKey), reason: "is required for --mode \(mode.rawValue)")
         }
         return Pusher(
-            ingressURL: url, appID: try env.required("WECHAT_APPID"), token: try env.required("WECHAT_TOKEN", isSecret: true),
-            aesKey: key, accountID: env.string("WECHAT_ACCOUNT_ID") ?? "gh_wechatrelay", mode: mode)
+            ingressURL: path, appID: spec.appID, token: try spec.require(.token),
+            aesKey: key, accountID: spec.accountID ?? "gh_wechatrelay", mode: mode)
     }
 }
 
@@ -123,7 +140,7 @@ struct SendCommand: AsyncParsableCommand {
             let message = try InboundMessage(xml: xml)
             let client = HTTPClient.shared
             // The fake API opens the user's customer-service window, as WeChat would.
-            let before = try await FakeAPIClient(baseURL: api).register(push: message, client: client)
+            let before = try await FakeAPIClient(baseURL: api, appID: pusher.appID).register(push: message, client: client)
             let result = try await pusher.push(xml, openID: openid, client: client)
             let tries = "after \(result.tries) tr\(result.tries == 1 ? "y" : "ies")"
             guard result.status == 200 else {
@@ -139,7 +156,7 @@ struct SendCommand: AsyncParsableCommand {
             }
             print("ingress answered 200 \"\(result.body)\" \(tries)")
             if waitReply {
-                let reply = try await FakeAPIClient(baseURL: api).waitForReply(
+                let reply = try await FakeAPIClient(baseURL: api, appID: pusher.appID).waitForReply(
                     to: openid, after: before, timeout: .seconds(replyTimeout), client: client)
                 guard let reply else {
                     print("no reply within \(replyTimeout) s")

@@ -19,8 +19,10 @@ struct WeChatWorkerCommand: AsyncParsableCommand {
         commandName: "wechat-worker",
         abstract: "Consumes pushed messages, deduplicates, keeps sessions in Redis, and replies through the customer-service API.",
         discussion: """
-            Configured by environment variables (or ./.env; the environment wins): WECHAT_APPID (required), AMQP_URL,
+            Configured by environment variables (or ./.env; the environment wins): WECHAT_APPID (one account)
+            and/or WECHAT_ACCOUNTS_FILE (several; re-read on SIGHUP and when it changes), AMQP_URL,
             REDIS_URL, WECHAT_API_URL, TOKEND_URL, TOKEND_SECRET, WORKER_RULES, WORKER_CONCURRENCY (64),
+            WORKER_SEND_RATE (sends a second per account, 0 = no limit), WORKER_SEND_BURST, WORKER_DAILY_QUOTA (500000),
             METRICS_PORT (9100), WORKER_SESSION_TTL (seconds, 30 days), LOG_LEVEL. See docs/CONTRACT.md and docs/worker.md.
             """,
         subcommands: [Run.self, DeadLetters.self],
@@ -36,7 +38,7 @@ struct Run: AsyncParsableCommand {
             let env = try await RelayEnvironment.load()
             try RelayBootstrap.logging(env)
             let configuration = try WorkerConfiguration(env)
-            let logger = RelayBootstrap.logger("wechat-worker", appID: configuration.appID)
+            let logger = RelayBootstrap.logger("wechat-worker", appIDs: configuration.accounts.map(\.appID))
             let metrics = WorkerMetrics(registry: RelayBootstrap.metrics())
             // A send may start while the claim is younger than half its lease and take the 5 s
             // send timeout: at 10 s or less the claim can lapse with the request in flight, and

@@ -26,7 +26,7 @@ public struct DeadLetterTool: Sendable {
         try await take(limit: limit) { d in
             var m = d.message
             let key = m.properties.headers[WorkerHeader.originalRoutingKey]?.stringValue
-                ?? topology.routingKey(openID: m.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? "")
+                ?? topology.routingKey(appID: m.properties.appID ?? "", openID: m.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? "")
             for h in [WorkerHeader.reason, WorkerHeader.retryCount, WorkerHeader.originalRoutingKey, WorkerHeader.order] { m.properties.headers[h] = nil }
             try await amqp.publish(m, exchange: topology.inboundExchange, routingKey: key, confirmTimeout: .seconds(10))
             return key

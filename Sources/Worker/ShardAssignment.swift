@@ -145,7 +145,9 @@ final class ShardRunner: Sendable {
         await withDiscardingTaskGroup { jobs in
             do {
                 for try await delivery in consumer {
-                    let user = delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? ""
+                    // A user is an OpenID of an account (accounts share the shards).
+                    let user = (delivery.message.properties.appID ?? "") + "\n"
+                        + (delivery.message.properties.headers[WeChatTopology.Header.openID]?.stringValue ?? "")
                     // A copy of a message whose job is in hand goes to that job (passive modes).
                     let copyKey = worker.offers == nil ? nil : Self.copyKey(delivery)
                     if let copyKey, !admit(copyKey, delivery) { continue }
@@ -177,7 +179,7 @@ final class ShardRunner: Sendable {
     /// copy: the job of the first one is stale and gives it up, so the redelivery needs a job of
     /// its own — held as a copy, it would be acked with the stale job's end and lost.
     static func copyKey(_ delivery: AMQPDelivery) -> String? {
-        delivery.message.properties.messageID.map { "\($0)#\(delivery.connectionGeneration)" }
+        delivery.message.properties.messageID.map { "\(delivery.message.properties.appID ?? "")/\($0)#\(delivery.connectionGeneration)" }
     }
 
     /// Whether `delivery` starts a job of its own: false when a job for the same message is in

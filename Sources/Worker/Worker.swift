@@ -149,14 +149,17 @@ public final class Worker: Sendable {
     public let amqp: AMQPConnection
     /// Publishes retries and dead letters.
     public let publisher: AMQPConnection
-    public let store: SessionStore
     public let retry: RetryTopology
     public let metrics: WorkerMetrics
-    let rules: ReplyRules
     let handlers: [any MessageHandler]
-    /// `WORKER_DECIDE_URL`: asked when no handler and no rule decided.
-    let decisionService: DecisionService?
-    let sender: Sender
+    /// The accounts served, by AppID (replaced whole by ``reload(_:)``), and the one a message
+    /// without an AppID (published before accounts existed) belongs to.
+    private let accounts: Mutex<(live: [String: WorkerAccount], retired: [String: (account: WorkerAccount, until: ContinuousClock.Instant)])>
+    private let defaultAppID: String
+    /// How long an account removed by a reload still serves the messages already accepted for it.
+    static let retiredAccountGrace: Duration = .seconds(600)
+    /// The default account's store (its deployment-wide keys: the membership, the fences).
+    public let store: SessionStore
     public let concurrency: Int
     let logger: Logger
     /// This worker's identity in the membership and on its claims.
@@ -165,13 +168,12 @@ public final class Worker: Sendable {
     public let uncertainSend: UncertainSend
     /// How long a claim holds other workers off: well past the sender's timeout.
     let claimLease: Duration
-    /// `WORKER_REPLY_MODE`.
+    /// `WORKER_REPLY_MODE` (each account may set its own).
     public let replyMode: ReplyMode
-    /// The passive-reply handshake (in the passive modes).
+    /// The passive-reply handshake (when an account, or the worker's default, is in a passive mode).
     let offers: PassiveOffers?
     /// How long a hand-over (and the shutdown) waits for the jobs in hand before cancelling them.
     let handoverDeadline: Duration
-    private let paused = Mutex<Date?>(nil)
     private let consuming = Atomic<Int>(0)
     private let owned = Mutex<Set<Int>>([])
     private let ownershipWaiters = Mutex<[(count: Int, continuation: CheckedContinuation<Void, Never>)]>([])
@@ -181,20 +183,40 @@ public final class Worker: Sendable {
     /// Set once the worker is shutting down: in-process retries (the finished-mark) give up after a few more tries.
     let stopping = Flag()
 
-    public init(
+    /// A worker of one account (the single-account variables' shape).
+    public convenience init(
         amqp: AMQPConnection, publisher: AMQPConnection, store: SessionStore, sender: Sender, rules: ReplyRules, handlers: [any MessageHandler] = [],
         decisionService: DecisionService? = nil,
         topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger,
         retryDelays: [Duration] = RetryTopology.defaultDelays, uncertainSend: UncertainSend = .resend,
+        claimLease: Duration = .seconds(30), handoverDeadline: Duration = .seconds(20), replyMode: ReplyMode = .customerService,
+        limiter: SendRateLimiter? = nil
+    ) {
+        let account = WorkerAccount(
+            appID: store.appID, store: store, sender: sender, rules: rules, decisionService: decisionService, replyMode: replyMode,
+            limiter: limiter, metrics: metrics)
+        self.init(
+            amqp: amqp, publisher: publisher, accounts: [account], handlers: handlers, topology: topology, concurrency: concurrency,
+            metrics: metrics, logger: logger, retryDelays: retryDelays, uncertainSend: uncertainSend, claimLease: claimLease,
+            handoverDeadline: handoverDeadline, replyMode: replyMode)
+    }
+
+    /// A worker of several accounts (the first one also takes messages that carry no AppID).
+    /// - Parameter replyMode: with any passive mode here, the worker sets up the passive-reply
+    ///   handshake (so that a reload may turn an account passive); accounts choose their own.
+    public init(
+        amqp: AMQPConnection, publisher: AMQPConnection, accounts: [WorkerAccount], handlers: [any MessageHandler] = [],
+        topology: WeChatTopology, concurrency: Int, metrics: WorkerMetrics, logger: Logger,
+        retryDelays: [Duration] = RetryTopology.defaultDelays, uncertainSend: UncertainSend = .resend,
         claimLease: Duration = .seconds(30), handoverDeadline: Duration = .seconds(20), replyMode: ReplyMode = .customerService
     ) {
+        precondition(!accounts.isEmpty, "a worker serves at least one account")
         self.amqp = amqp
         self.publisher = publisher
-        self.store = store
-        self.sender = sender
-        self.rules = rules
+        self.accounts = Mutex((Dictionary(accounts.map { ($0.appID, $0) }) { first, _ in first }, [:]))
+        self.defaultAppID = accounts[0].appID
+        self.store = accounts[0].store
         self.handlers = handlers
-        self.decisionService = decisionService
         self.retry = RetryTopology(base: topology, delays: retryDelays)
         self.concurrency = max(1, concurrency)
         self.metrics = metrics
@@ -202,10 +224,55 @@ public final class Worker: Sendable {
         self.uncertainSend = uncertainSend
         self.claimLease = claimLease
         self.handoverDeadline = handoverDeadline
-        self.replyMode = replyMode
+        let passive = replyMode != .customerService || accounts.contains { $0.replyMode != .customerService }
+        self.replyMode = passive && replyMode == .customerService ? .passiveFirst : replyMode
         offers =
-            replyMode == .customerService
+            !passive
             ? nil : PassiveOffers(consuming: amqp, publisher: publisher, prefix: topology.prefix, logger: logger)
+    }
+
+    /// The account a delivery belongs to (its `app-id`; none: the first account), or nil when
+    /// that account is not configured (here, yet: the ingress may have reloaded first).
+    func account(for delivery: AMQPDelivery) -> WorkerAccount? {
+        let appID = delivery.message.properties.appID ?? defaultAppID
+        return accounts.withLock { a in
+            if let live = a.live[appID] { return live }
+            guard let retired = a.retired[appID], retired.until > .now else { return nil }
+            return retired.account
+        }
+    }
+
+    /// The accounts served now, sorted by AppID.
+    public var servedAccounts: [WorkerAccount] { accounts.withLock { Array($0.live.values) }.sorted { $0.appID < $1.appID } }
+
+    /// Replaces the accounts (a reload of `WECHAT_ACCOUNTS_FILE`). A message in hand finishes
+    /// with the account it started with. An account removed keeps serving the messages already
+    /// accepted for it (the ingress answers its path 404 once it reloaded) for
+    /// ``retiredAccountGrace``; after that, and for an account not configured here at all (a
+    /// worker that has not reloaded yet, while the ingress has), a message waits through the
+    /// retries (1 s, 5 s, 30 s) and is then dead-lettered, replayable once the account is back —
+    /// never dropped. An account in a passive mode needs a worker started with the handshake
+    /// (any passive mode configured).
+    public func reload(_ next: [WorkerAccount]) throws {
+        if offers == nil, let passive = next.first(where: { $0.replyMode != .customerService }) {
+            throw ConfigurationError(
+                variable: "WECHAT_ACCOUNTS_FILE",
+                reason: "\(passive.appID): reply_mode \(passive.replyMode.rawValue) needs a worker started with a passive mode (restart it)")
+        }
+        let live = Dictionary(next.map { ($0.appID, $0) }) { first, _ in first }
+        accounts.withLock { a in
+            let now = ContinuousClock.now
+            var retired = a.retired.filter { $0.value.until > now && live[$0.key] == nil }
+            for (appID, account) in a.live where live[appID] == nil {
+                retired[appID] = (account, now + Self.retiredAccountGrace)
+            }
+            a = (live, retired)
+        }
+    }
+
+    /// An account kept across a reload when its settings did not change (its pause, its token cache).
+    public func existingAccount(_ appID: String, settings: WorkerAccountSettings) -> WorkerAccount? {
+        accounts.withLock { $0.live[appID] }.flatMap { $0.settings == settings ? $0 : nil }
     }
 
     /// Whether the worker is taking part (for `/readyz`): connected, running its shard
@@ -412,8 +479,13 @@ public final class Worker: Sendable {
                 return
             }
             let step: Step
+            let account = account(for: delivery)
             do {
-                step = try await handle(message, delivery, shard)
+                if let account {
+                    step = try await handle(message, delivery, shard, account)
+                } else {
+                    step = .retry("no account \(delivery.message.properties.appID ?? "-") is configured (WECHAT_ACCOUNTS_FILE)", counts: true)
+                }
             } catch let error as AMQPError where error.code == .staleDelivery {
                 // The connection it came on broke while it was processed: the broker has put it
                 // back and delivers it again; the message record makes that a duplicate if it was answered.
@@ -434,7 +506,7 @@ public final class Worker: Sendable {
             if counts { retries += 1 }
             if retries > retry.delays.count {
                 await deadLetter(delivery, reason: "gave up after \(retries - 1) retries: \(reason)", skippedInOrder: true)
-                try? await store.releaseClaim(message, worker: id)
+                try? await account?.store.releaseClaim(message, worker: id)
                 return
             }
             metrics.retried.increment()
@@ -454,7 +526,9 @@ public final class Worker: Sendable {
         }
     }
 
-    private func handle(_ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner) async throws -> Step {
+    private func handle(_ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner, _ account: WorkerAccount) async throws -> Step {
+        let store = account.store
+        let passiveMode = isPassive(account)
         let now = Int64(Date().timeIntervalSince1970)
         let signedQuery = delivery.message.properties.headers[WeChatTopology.Header.signedQuery]?.stringValue
         let fence = try await shard.fence(for: delivery)
@@ -477,7 +551,7 @@ public final class Worker: Sendable {
                         "WeChat pushed a message answered passively again, but the user's later message was answered since: not offered again (order)",
                         metadata: ["wechat.dedup_key": "\(message.dedupID)"])
                 } else {
-                    await reofferPassively(content, message, delivery, shard)
+                    await reofferPassively(content, message, delivery, shard, account)
                 }
             }
             metrics.duplicates.increment()
@@ -493,10 +567,13 @@ public final class Worker: Sendable {
         if let stored = observation.decision {
             decision = stored
         } else {
-            decision = try await decide(message, observation.snapshot)
-            // Claimed at once when it is about to go out: by the API, or offered passively.
-            let offered = offers != nil && decision.reply.flatMap(PassiveOffers.content(for:)) != nil
-            if decision.reply != nil, offered || (!isPaused && observation.snapshot.sendWouldFail(now: now) == nil) {
+            decision = try await decide(message, observation.snapshot, account)
+            // Claimed at once when it is about to go out: by the API (unless a rate limit may
+            // make it wait first: then right before the send), or offered passively.
+            let offered = passiveMode && decision.reply.flatMap(PassiveOffers.content(for:)) != nil
+            if decision.reply != nil,
+                offered || (account.limiter == nil && !account.isPaused && observation.snapshot.sendWouldFail(now: now) == nil)
+            {
                 let start = ContinuousClock.now
                 let (stored, claim) = try await store.commitAndClaim(decision, for: message, worker: id, fence: fence, lease: claimLease)
                 decision = stored
@@ -513,8 +590,8 @@ public final class Worker: Sendable {
         }
         // In the passive modes, a reply with a passive form is offered to the waiting ingress
         // first; the checks of the API (paused sends, the window) apply only if it goes there.
-        let passive = offers == nil ? nil : PassiveOffers.content(for: reply)
-        if replyMode == .passiveOnly, passive == nil {
+        let passive = passiveMode ? PassiveOffers.content(for: reply) : nil
+        if account.replyMode == .passiveOnly, passive == nil {
             metrics.passiveUndeliverable.increment()
             logger.warning(
                 "reply has no passive form and WORKER_REPLY_MODE is passive-only: not sent",
@@ -523,7 +600,7 @@ public final class Worker: Sendable {
             try delivery.ack()
             return .done
         }
-        if passive == nil, isPaused {
+        if passive == nil, account.isPaused {
             // Only a clean claim is given back: one taken over from a sender that stopped
             // ("uncertain") stays, so that a replay still finds the send uncertain.
             if preclaimed?.claim == .claimed { try await store.releaseClaim(message, worker: id) }
@@ -536,6 +613,12 @@ public final class Worker: Sendable {
             try await store.markReplied(message, sent: false)
             try delivery.ack()
             return .done
+        }
+        // The account's send-rate limit: a slot is reserved and waited for (holding the user's
+        // place, not a permit) before the claim, so that the claim's lease is not spent waiting.
+        if passive == nil, !(try await awaitSendSlot(account, shard, delivery, holdingClaim: preclaimed != nil)) {
+            if preclaimed?.claim == .claimed { try? await store.releaseClaim(message, worker: id) }
+            return .done  // handed over or stopping: the delivery goes back with the channel
         }
         // At most one sender at a time: claim it (with our fence) right before the send.
         var start = ContinuousClock.now
@@ -583,12 +666,12 @@ public final class Worker: Sendable {
             }
         }
         if let passive {
-            switch try await offerPassively(passive, message, delivery, shard, fence: fence, claimedAt: start) {
+            switch try await offerPassively(passive, message, delivery, shard, account, fence: fence, claimedAt: start) {
             case .finished(let step): return step
             case .viaAPI: break
             }
             // passive-first: not taken, so the API sends it, under the same claim.
-            if isPaused {
+            if account.isPaused {
                 if !claimWasUncertain { try await store.releaseClaim(message, worker: id) }
                 await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
                 return .done
@@ -605,13 +688,18 @@ public final class Worker: Sendable {
         // process was paused, or the token took long) may have passed to another worker.
         let lease = claimLease
         let claimedAt = start
-        let outcome = await sender.send(reply) { ContinuousClock.now - claimedAt < lease / 2 && !Task.isCancelled }
+        if passive != nil, !(try await awaitSendSlot(account, shard, delivery, holdingClaim: true)) {
+            if !claimWasUncertain { try? await store.releaseClaim(message, worker: id) }
+            return .done
+        }
+        let outcome = await account.sender.send(reply) { ContinuousClock.now - claimedAt < lease / 2 && !Task.isCancelled }
         metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).wholeNanoseconds)
         switch outcome {
         case .sent:
             // WeChat accepted the reply: from here on it must never be sent again, so a Redis
             // error while recording it is retried here, never turned into a retry of the message.
-            await markSent(message)
+            await markSent(message, account)
+            await account.countSend(logger: logger)
             countReplied(delivery, passively: false)
             try delivery.ack()
             return .done
@@ -621,7 +709,7 @@ public final class Worker: Sendable {
                 "no answer to a send: WeChat may have sent it",
                 metadata: ["wechat.dedup_key": "\(message.dedupID)", "reason": "\(why)", "worker.uncertain_send": "\(uncertainSend.rawValue)"])
             if uncertainSend == .skip {
-                await markSent(message)
+                await markSent(message, account)
                 try delivery.ack()
                 return .done
             }
@@ -641,9 +729,10 @@ public final class Worker: Sendable {
             return .done
         case .alert(let code, let why):
             logger.critical(
-                "WeChat refuses to send for this account; pausing sends for 5 minutes",
-                metadata: ["wechat.errcode": "\(code)", "reason": "\(why)"])
-            paused.withLock { $0 = Date().addingTimeInterval(300) }
+                "WeChat refuses to send for this account; pausing its sends for 5 minutes (other accounts go on)",
+                metadata: ["wechat.appid": "\(account.appID)", "wechat.errcode": "\(code)", "reason": "\(why)"])
+            if code == WeChatErrorCode.dailyQuotaExceeded { account.quotaExhausted.increment() }
+            account.pause(for: 300)
             try await store.releaseClaim(message, worker: id)
             await deadLetter(delivery, reason: "errcode \(code): \(why)")
             return .done
@@ -659,8 +748,26 @@ public final class Worker: Sendable {
         }
     }
 
-    /// Whether sends are paused after an alert (48001, 45009, …).
-    private var isPaused: Bool { paused.withLock { $0 }.map { $0 > Date() } ?? false }
+    /// Whether this delivery's account may get a passive reply (the handshake is set up and the
+    /// account is in a passive mode).
+    private func isPassive(_ account: WorkerAccount) -> Bool { offers != nil && account.replyMode != .customerService }
+
+    /// Waits for a slot of the account's send-rate limit (``SendRateLimiter``), holding the
+    /// user's place (the delivery) but not a permit, so that other users and accounts go on.
+    /// Returns false when the wait was cut by a hand-over or shutdown.
+    /// - Parameter holdingClaim: a claim is held (passive-first, after the offer): waits that
+    ///   would outlast half its lease still happen; the sender then refuses to send on a stale
+    ///   claim and the message is retried.
+    private func awaitSendSlot(_ account: WorkerAccount, _ shard: ShardRunner, _ delivery: AMQPDelivery, holdingClaim: Bool) async throws -> Bool {
+        guard let limiter = account.limiter else { return true }
+        let wait = try await limiter.reserve()
+        account.rateWait.recordNanoseconds(wait.wholeNanoseconds)
+        guard wait > .zero else { return true }
+        shard.limiter.release()
+        let waited = await shard.pause(wait, for: delivery)
+        await shard.limiter.acquire()
+        return waited
+    }
 
     /// Our fencing token is stale: another worker consumes the shard (this one was paused or
     /// cut off past the broker's heartbeat). Nothing is sent or changed; the delivery is left
@@ -700,9 +807,11 @@ public final class Worker: Sendable {
     /// the next retry (passive-only: WeChat retries only a push it got no answer to).
     private func offerPassively(
         _ content: PassiveReply.Content, _ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner,
-        fence: SessionStore.Fence, claimedAt: ContinuousClock.Instant
+        _ account: WorkerAccount, fence: SessionStore.Fence, claimedAt: ContinuousClock.Instant
     ) async throws -> PassiveEnd {
         guard let offers else { return .viaAPI }
+        let store = account.store
+        let replyMode = account.replyMode
         let key = ShardRunner.copyKey(delivery) ?? message.dedupID
         var claimedAt = claimedAt
         while true {
@@ -721,12 +830,13 @@ public final class Worker: Sendable {
                 let outcome = await offers.offer(xml, to: target, bound: bound)
                 switch outcome {
                 case .taken:
-                    await markSent(message, viaAPI: false, passive: true)
+                    await markSent(message, account, viaAPI: false, passive: true)
+                    account.replies.increment()
                     countReplied(delivery, passively: true)
                     // WeChat's retry came while the verdict was awaited: the push that took the
                     // reply was given up on (the ingress took it late), so the retry gets it too.
                     if let newer = shard.latestCopy(key), let retry = PassiveTarget(newer), retry.requestID != target.requestID {
-                        await reofferPassively(content, message, newer, shard)
+                        await reofferPassively(content, message, newer, shard, account)
                     }
                     try delivery.ack()
                     return .finished(.done)
@@ -747,7 +857,7 @@ public final class Worker: Sendable {
                         "no verdict for a passive reply: the ingress may have written it",
                         metadata: ["wechat.dedup_key": "\(message.dedupID)", "reason": "\(reason)", "worker.uncertain_send": "\(uncertainSend.rawValue)"])
                     if uncertainSend == .skip {
-                        await markSent(message, viaAPI: false)
+                        await markSent(message, account, viaAPI: false)
                         try delivery.ack()
                         return .finished(.done)
                     }
@@ -800,7 +910,9 @@ public final class Worker: Sendable {
     /// WeChat had already given up on (an overloaded ingress can take an offer that late). The
     /// reply is offered to this push's ingress; nothing else changes (the message stays finished:
     /// no API send, no claim — two workers re-offering to one request get one taken, one declined).
-    private func reofferPassively(_ content: PassiveReply.Content, _ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner) async {
+    private func reofferPassively(
+        _ content: PassiveReply.Content, _ message: InboundMessage, _ delivery: AMQPDelivery, _ shard: ShardRunner, _ account: WorkerAccount
+    ) async {
         guard let offers else { return }
         let copy = ShardRunner.copyKey(delivery).flatMap(shard.latestCopy) ?? delivery
         guard let target = PassiveTarget(copy), target.msLeft() > 50 else { return }
@@ -816,12 +928,12 @@ public final class Worker: Sendable {
     /// worker is shutting down it gives up after a few more tries and logs the message as
     /// at risk of a second send (only WeChat's retry of the same push could then repeat it).
     /// - Parameter viaAPI: false for a passive reply, which uses none of the customer-service quota.
-    private func markSent(_ message: InboundMessage, viaAPI: Bool = true, passive: Bool = false) async {
+    private func markSent(_ message: InboundMessage, _ account: WorkerAccount, viaAPI: Bool = true, passive: Bool = false) async {
         var delay: Duration = .milliseconds(50)
         var triesWhileStopping = 0
         while true {
             do {
-                try await store.markReplied(message, sent: viaAPI, passive: passive)
+                try await account.store.markReplied(message, sent: viaAPI, passive: passive)
                 return
             } catch {
                 metrics.markRetries.increment()
@@ -843,12 +955,12 @@ public final class Worker: Sendable {
 
     /// Swift handlers first, in order; then the rules (the first that matches); then the
     /// decision service, when one is configured (docs/worker.md, "Deciding a reply").
-    private func decide(_ message: InboundMessage, _ snapshot: SessionSnapshot) async throws -> ReplyRules.Decision {
+    private func decide(_ message: InboundMessage, _ snapshot: SessionSnapshot, _ account: WorkerAccount) async throws -> ReplyRules.Decision {
         for h in handlers {
             if let d = try await h.decide(message, session: snapshot) { return d }
         }
-        guard let service = decisionService else { return try rules.decide(message, session: snapshot) }
-        if let d = try rules.decideIfMatched(message, session: snapshot) { return d }
+        guard let service = account.decisionService else { return try account.rules.decide(message, session: snapshot) }
+        if let d = try account.rules.decideIfMatched(message, session: snapshot) { return d }
         return try await service.decide(message, session: snapshot)
     }
 

@@ -35,26 +35,50 @@ public func buildWorker(
     publishing.connectionName = configuration.amqp.connectionName.map { "\($0)-publish" }
     let publisher = try AMQPConnection(configuration: publishing, logger: logger)
     let redis = RedisPool(configuration: configuration.redis, size: max(4, min(64, configuration.concurrency)), logger: logger)
-    let tokens = TokenClient(
-        redis: redis, keys: TokenKeys(appID: configuration.appID, prefix: configuration.topology.prefix),
-        tokendURL: configuration.tokendURL, tokendSecret: configuration.tokendSecret)
+    let accounts = configuration.accounts.map { makeWorkerAccount($0, configuration: configuration, redis: redis, metrics: metrics, http: http) }
     let worker = Worker(
-        amqp: amqp, publisher: publisher,
-        store: SessionStore(
-            redis: redis, appID: configuration.appID, prefix: configuration.topology.prefix,
-            sessionTTL: configuration.sessionTTL, finishedTTL: configuration.finishedTTL),
-        sender: Sender(apiURL: configuration.apiURL, http: http, tokens: tokens), rules: configuration.rules,
-        handlers: handlers,
-        decisionService: configuration.decideURL.map {
-            DecisionService(url: $0, http: http, timeout: .seconds(configuration.decideTimeout), appID: configuration.appID)
-        },
+        amqp: amqp, publisher: publisher, accounts: accounts, handlers: handlers,
         topology: configuration.topology, concurrency: configuration.concurrency, metrics: metrics,
         logger: logger, uncertainSend: configuration.uncertainSend, claimLease: .seconds(configuration.claimLease),
         replyMode: configuration.replyMode)
+    // WECHAT_ACCOUNTS_FILE is re-read on SIGHUP and when it changes; a file that does not load
+    // changes nothing (logged). Accounts whose settings did not change are kept as they are.
+    let reloader = AccountsReloader(file: configuration.accountsFile, logger: logger) {
+        try AccountsConfiguration.load(try await RelayEnvironment.load())
+    } apply: { loaded in
+        let next = try loaded.accounts.map { spec -> WorkerAccount in
+            let settings = try configuration.settings(for: spec)
+            return worker.existingAccount(spec.appID, settings: settings)
+                ?? makeWorkerAccount(settings, configuration: configuration, redis: redis, metrics: metrics, http: http)
+        }
+        try worker.reload(next)
+    }
     let app = Application(
         router: buildWorkerRouter(worker: worker, redis: redis), server: RelayHTTP.server(idleTimeout: .seconds(30)),
         configuration: .init(address: .hostname("0.0.0.0", port: configuration.metricsPort)), logger: logger)
-    return WorkerApp(worker: worker, redis: redis, services: [amqp, publisher, redis, WorkerService(worker: worker), app])
+    return WorkerApp(worker: worker, redis: redis, services: [amqp, publisher, redis, WorkerService(worker: worker), reloader, app])
+}
+
+/// One account's sessions, token client, sender, decision service and rate limiter.
+public func makeWorkerAccount(
+    _ settings: WorkerAccountSettings, configuration: WorkerConfiguration, redis: RedisPool, metrics: WorkerMetrics, http: HTTPClient
+) -> WorkerAccount {
+    let prefix = configuration.topology.prefix
+    let tokens = TokenClient(
+        redis: redis, keys: TokenKeys(appID: settings.appID, prefix: prefix),
+        tokendURL: configuration.tokendURL, tokendSecret: configuration.tokendSecret)
+    let store = SessionStore(
+        redis: redis, appID: settings.appID, prefix: prefix, sessionTTL: configuration.sessionTTL, finishedTTL: configuration.finishedTTL)
+    return WorkerAccount(
+        appID: settings.appID, store: store, sender: Sender(apiURL: configuration.apiURL, http: http, tokens: tokens),
+        rules: settings.rules,
+        decisionService: settings.decideURL.map {
+            DecisionService(url: $0, http: http, timeout: .seconds(configuration.decideTimeout), appID: settings.appID)
+        },
+        replyMode: settings.replyMode,
+        limiter: settings.sendRate > 0
+            ? SendRateLimiter(redis: redis, key: store.keys.sendRate, rate: settings.sendRate, burst: settings.sendBurst) : nil,
+        dailyQuota: settings.dailyQuota, metrics: metrics, settings: settings)
 }
 
 /// The worker's client for WeChat's API (a caller shuts it down when the worker has stopped).

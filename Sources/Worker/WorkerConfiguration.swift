@@ -6,13 +6,24 @@ import RelayContract
 
 /// The worker's settings (docs/CONTRACT.md, plus `WORKER_SESSION_TTL`).
 public struct WorkerConfiguration: Sendable {
-    public var appID: String
+    /// Every account served, with its settings (the account's keys in `WECHAT_ACCOUNTS_FILE`,
+    /// else the worker's variables); the first is the one a message without an AppID belongs to.
+    public var accounts: [WorkerAccountSettings]
+    /// `WECHAT_ACCOUNTS_FILE`, watched for changes (and re-read on SIGHUP).
+    public var accountsFile: String?
+    /// The first account's AppID (the single-account case).
+    public var appID: String { accounts[0].appID }
+    /// `WORKER_SEND_RATE`, `WORKER_SEND_BURST`, `WORKER_DAILY_QUOTA`: the defaults of accounts that set none.
+    public var sendRate: Double
+    public var sendBurst: Int?
+    public var dailyQuota: Int
     public var amqp: AMQPConfiguration
     public var redis: RedisConfiguration
     public var apiURL: String
     public var tokendURL: String?
     public var tokendSecret: String?
     public var rules: ReplyRules
+    var rulesText: String?
     public var concurrency: Int
     public var metricsPort: Int
     public var sessionTTL: Int
@@ -30,7 +41,8 @@ public struct WorkerConfiguration: Sendable {
     public var replyMode: ReplyMode
 
     public init(_ env: RelayEnvironment) throws {
-        appID = try env.required("WECHAT_APPID")
+        let loaded = try AccountsConfiguration.load(env)
+        accountsFile = loaded.file
         do {
             amqp = try AMQPConfiguration(
                 url: env.string("AMQP_URL", isSecret: true) ?? "amqp://guest:guest@127.0.0.1:5672/%2F", connectionName: "wechat-worker")
@@ -48,27 +60,11 @@ public struct WorkerConfiguration: Sendable {
         if tokendURL != nil, tokendSecret == nil {
             throw ConfigurationError(variable: "TOKEND_SECRET", reason: "is required when TOKEND_URL is set")
         }
-        decideURL = env.string("WORKER_DECIDE_URL")
-        if let url = decideURL {
-            guard let u = URL(string: url), u.scheme == "http" || u.scheme == "https", u.host != nil else {
-                throw ConfigurationError(variable: "WORKER_DECIDE_URL", reason: "must be an http:// or https:// URL")
-            }
-            // The HTTP client sends no credentials from a URL: refused rather than silently dropped.
-            guard u.user == nil, u.password == nil else {
-                throw ConfigurationError(variable: "WORKER_DECIDE_URL", reason: "must not carry credentials (user:password@)")
-            }
-        }
+        decideURL = try Self.decideURL(env.string("WORKER_DECIDE_URL"), variable: "WORKER_DECIDE_URL")
         // At most the worker's HTTP client's read timeout (10 s).
         decideTimeout = try env.int("WORKER_DECIDE_TIMEOUT", default: 3, range: 1...10)
         if let path = env.string("WORKER_RULES") {
-            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-                throw ConfigurationError(variable: "WORKER_RULES", reason: "cannot read '\(path)'")
-            }
-            do {
-                rules = try ReplyRules(yaml: text)
-            } catch {
-                throw ConfigurationError(variable: "WORKER_RULES", reason: "\(error)")
-            }
+            (rules, rulesText) = try Self.rules(path, variable: "WORKER_RULES")
         } else {
             // With a decision service and no rules file, the service decides everything (the
             // built-in rules end in a catch-all that would leave it nothing).
@@ -91,7 +87,67 @@ public struct WorkerConfiguration: Sendable {
                 variable: "WORKER_REPLY_MODE", reason: "must be customer-service, passive-first or passive-only, not '\(mode)'")
         }
         self.replyMode = replyMode
+        sendRate = try Self.number(env.string("WORKER_SEND_RATE"), variable: "WORKER_SEND_RATE", range: 0...100_000) ?? 0
+        sendBurst = try env.string("WORKER_SEND_BURST").map { _ in try env.int("WORKER_SEND_BURST", default: 1, range: 1...100_000) }
+        dailyQuota = try env.int("WORKER_DAILY_QUOTA", default: 500_000, range: 1...1_000_000_000)
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
         topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
+        accounts = []
+        accounts = try loaded.accounts.map(settings(for:))
+    }
+
+    /// An account's settings: its own keys where the accounts file sets them, else this worker's.
+    /// - Throws: ``ConfigurationError`` naming the account's entry.
+    public func settings(for spec: AccountSpec) throws -> WorkerAccountSettings {
+        var rules = self.rules
+        var rulesText = self.rulesText
+        let decideURL = try spec.decideURL.map { try Self.decideURL($0, variable: spec.place(.decideURL)) } ?? self.decideURL
+        if let path = spec.rules {
+            (rules, rulesText) = try Self.rules(path, variable: spec.place(.rules))
+        } else if spec.decideURL != nil, rulesText == nil {
+            rules = ReplyRules(rules: [])  // as for WORKER_DECIDE_URL: the service decides everything
+        }
+        var mode = replyMode
+        if let text = spec.replyMode {
+            guard let m = ReplyMode(rawValue: text) else {
+                throw ConfigurationError(variable: spec.place(.replyMode), reason: "must be customer-service, passive-first or passive-only, not '\(text)'")
+            }
+            mode = m
+        }
+        let rate = spec.sendRate ?? sendRate
+        return WorkerAccountSettings(
+            appID: spec.appID, rulesText: rulesText, rules: rules, decideURL: decideURL, replyMode: mode, sendRate: rate,
+            sendBurst: spec.sendBurst ?? sendBurst ?? max(1, Int(rate.rounded(.up))), dailyQuota: spec.dailyQuota ?? dailyQuota)
+    }
+
+    static func rules(_ path: String, variable: String) throws -> (ReplyRules, String) {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw ConfigurationError(variable: variable, reason: "cannot read '\(path)'")
+        }
+        do {
+            return (try ReplyRules(yaml: text), text)
+        } catch {
+            throw ConfigurationError(variable: variable, reason: "\(error)")
+        }
+    }
+
+    static func decideURL(_ url: String?, variable: String) throws -> String? {
+        guard let url else { return nil }
+        guard let u = URL(string: url), u.scheme == "http" || u.scheme == "https", u.host != nil else {
+            throw ConfigurationError(variable: variable, reason: "must be an http:// or https:// URL")
+        }
+        // The HTTP client sends no credentials from a URL: refused rather than silently dropped.
+        guard u.user == nil, u.password == nil else {
+            throw ConfigurationError(variable: variable, reason: "must not carry credentials (user:password@)")
+        }
+        return url
+    }
+
+    static func number(_ text: String?, variable: String, range: ClosedRange<Double>) throws -> Double? {
+        guard let text else { return nil }
+        guard let n = Double(text.trimmingCharacters(in: .whitespaces)), n.isFinite, range.contains(n) else {
+            throw ConfigurationError(variable: variable, reason: "must be a number in \(range.lowerBound)...\(range.upperBound), got '\(text)'")
+        }
+        return n
     }
 }

@@ -60,7 +60,7 @@ struct IngressFixture {
     /// Takes the next message of a user's shard (`basic.get` is refused by quorum
     /// queues with a single active consumer, so this consumes one delivery).
     func take(openID: String) async throws -> AMQPDelivery? {
-        let consumer = try await amqp.consume(queue: topology.shardQueue(topology.shard(openID: openID)), prefetch: 1)
+        let consumer = try await amqp.consume(queue: topology.shardQueue(topology.shard(appID: appID, openID: openID)), prefetch: 1)
         var it = consumer.makeAsyncIterator()
         let d = try await it.next()
         await consumer.cancel()

@@ -66,7 +66,7 @@ struct IngressTests {
                     #expect(p.headers[WeChatTopology.Header.openID]?.stringValue == "oUser-\(mode)")
                     #expect(p.headers[WeChatTopology.Header.mode]?.stringValue == mode)
                     #expect(p.headers[WeChatTopology.Header.receivedAtMs]?.intValue != nil)
-                    #expect(d.routingKey == f.topology.routingKey(openID: "oUser-\(mode)"))
+                    #expect(d.routingKey == f.topology.routingKey(appID: appID, openID: "oUser-\(mode)"))
                     try d.ack()
                 }
             }
@@ -168,7 +168,7 @@ struct IngressTests {
     @Test func plaintextOnlyWithoutAnAESKey() async throws {
         var env = ["WECHAT_APPID": appID, "WECHAT_TOKEN": token]
         env["AMQP_URL"] = try TestServices.amqpURL()
-        #expect(try IngressConfiguration(RelayEnvironment(env)).crypto == nil)
+        #expect(try IngressConfiguration(RelayEnvironment(env)).accounts[0].crypto == nil)
         // Configuration errors name the variable.
         #expect { try IngressConfiguration(RelayEnvironment(["WECHAT_TOKEN": "t"])) } throws: {
             ($0 as? ConfigurationError)?.variable == "WECHAT_APPID"

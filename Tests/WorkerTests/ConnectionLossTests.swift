@@ -57,8 +57,8 @@ extension WorkerConnectionLossTests {
             try await eventually("the first send reached the API") { s.platform.heldCount(touser: "first") >= 1 }
             // A user of the other shard: its delivery comes (prefetch 1 per shard) and waits
             // for the one permit while the first send is held.
-            let first = s.topology.shard(openID: "first")
-            let other = try #require((0..<100).map { "other-\($0)" }.first { s.topology.shard(openID: $0) != first })
+            let first = s.topology.shard(appID: s.appID, openID: "first")
+            let other = try #require((0..<100).map { "other-\($0)" }.first { s.topology.shard(appID: s.appID, openID: $0) != first })
             try await s.push("text", "帮助", from: other)
             try await eventually("both delivered to the worker") {
                 var ready = 0

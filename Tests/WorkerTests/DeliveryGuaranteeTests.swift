@@ -48,7 +48,7 @@ struct DeliveryGuaranteeTests {
             var users: [Int: String] = [:]
             for i in 0..<2000 where users.count < s.topology.shardCount {
                 let u = "oMove\(i)"
-                if users[s.topology.shard(openID: u)] == nil { users[s.topology.shard(openID: u)] = u }
+                if users[s.topology.shard(appID: s.appID, openID: u)] == nil { users[s.topology.shard(appID: s.appID, openID: u)] = u }
             }
             try await running([a]) {
                 await a.waitUntilOwning(s.topology.shardCount)

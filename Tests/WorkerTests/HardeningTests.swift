@@ -136,7 +136,7 @@ struct WorkerHardeningTests {
             try await running([w]) {
                 await w.waitUntilOwning(s.topology.shardCount)
                 #expect(w.isConsuming)
-                let shard = s.topology.shard(openID: "oDeleted")
+                let shard = s.topology.shard(appID: s.appID, openID: "oDeleted")
                 _ = try await s.pusher.deleteQueue(s.topology.shardQueue(shard))
                 // Not ready while a shard it owns has no consumer.
                 try await eventually("the worker reports the dead consumer") { !w.isConsuming }
@@ -161,8 +161,8 @@ struct WorkerHardeningTests {
             // A send held longer than the sender's timeout would be retried; hold it well inside one.
             let w = try await s.worker(concurrency: 8, sendTimeout: .seconds(300))
             let flooder = "oFlood"
-            let floodShard = s.topology.shard(openID: flooder)
-            let others = (0..<400).map { "oOther\($0)" }.filter { s.topology.shard(openID: $0) != floodShard }.prefix(8)
+            let floodShard = s.topology.shard(appID: s.appID, openID: flooder)
+            let others = (0..<400).map { "oOther\($0)" }.filter { s.topology.shard(appID: s.appID, openID: $0) != floodShard }.prefix(8)
             try await running([w]) {
                 await w.waitUntilOwning(s.topology.shardCount)
                 s.platform.hold(touser: flooder)
@@ -266,7 +266,7 @@ struct WorkerHardeningTests {
                 let arrivals = s.platform.arrivalCount
                 let users = (0..<200).map { "oSlow\($0)" }
                 var perShard: [Int: String] = [:]
-                for u in users where perShard[s.topology.shard(openID: u)] == nil { perShard[s.topology.shard(openID: u)] = u }
+                for u in users where perShard[s.topology.shard(appID: s.appID, openID: u)] == nil { perShard[s.topology.shard(appID: s.appID, openID: u)] = u }
                 for u in perShard.values { try await s.push("text", "帮助", from: u) }
                 await s.platform.waitForArrivals(arrivals + perShard.count)
                 try await running([b]) {
@@ -349,7 +349,7 @@ struct WorkerProcessTests {
             var users: [Int: String] = [:]
             for i in 0..<2000 where users.count < 8 {
                 let u = "oSkew\(i)"
-                if users[s.topology.shard(openID: u)] == nil { users[s.topology.shard(openID: u)] = u }
+                if users[s.topology.shard(appID: s.appID, openID: u)] == nil { users[s.topology.shard(appID: s.appID, openID: u)] = u }
             }
             #expect(users.count == 8)
             for u in users.values { try await s.push("text", "帮助", from: u) }

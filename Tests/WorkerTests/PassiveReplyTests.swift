@@ -361,7 +361,7 @@ extension Stack {
                         WeChatTopology.Header.openID: .string(user), WeChatTopology.Header.msgType: "text",
                         PassiveHandshake.replyByHeader: .int(Int64(Date().timeIntervalSince1970 * 1000) + waitMs),
                     ], correlationID: requestID, replyTo: queue, messageID: m.dedupID)),
-            exchange: topology.inboundExchange, routingKey: topology.routingKey(openID: user))
+            exchange: topology.inboundExchange, routingKey: topology.routingKey(appID: appID, openID: user))
     }
 }
 

@@ -84,7 +84,7 @@ struct Stack: Sendable {
         if let e = m.event { headers[WeChatTopology.Header.event] = .string(e) }
         try await pusher.publish(
             AMQPMessage(xml, properties: AMQPProperties(contentType: "application/xml", headers: headers, messageID: m.dedupID)),
-            exchange: topology.inboundExchange, routingKey: topology.routingKey(openID: m.fromUserName))
+            exchange: topology.inboundExchange, routingKey: topology.routingKey(appID: appID, openID: m.fromUserName))
     }
 
     /// The text replies a user got, in order, once there are `count`.
@@ -280,7 +280,7 @@ struct WorkerTests {
                 let xml = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oLate", to: "gh_test")
                 try await s.publish(xml: xml, message: try InboundMessage(xml: xml))
                 // A user on the same shard: delivered after oLate, so oLate is in hand before the shutdown.
-                let next = try #require((0..<1000).map { "oNext\($0)" }.first { s.topology.shard(openID: $0) == s.topology.shard(openID: "oLate") })
+                let next = try #require((0..<1000).map { "oNext\($0)" }.first { s.topology.shard(appID: s.appID, openID: $0) == s.topology.shard(appID: s.appID, openID: "oLate") })
                 try await s.push("text", "帮助", from: next)
                 _ = await s.replies(to: next, count: 1)
             }
@@ -297,7 +297,7 @@ struct WorkerTests {
             try await running([w]) {
                 try await s.pusher.publish(
                     AMQPMessage("<xml><oops>", properties: AMQPProperties(headers: [WeChatTopology.Header.openID: "oBad"])),
-                    exchange: s.topology.inboundExchange, routingKey: s.topology.routingKey(openID: "oBad"))
+                    exchange: s.topology.inboundExchange, routingKey: s.topology.routingKey(appID: s.appID, openID: "oBad"))
                 // A good message that failed for good earlier, waiting in the dead-letter queue.
                 let xml = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oReplay", to: "gh_test")
                 let m = try InboundMessage(xml: xml)
@@ -433,7 +433,7 @@ struct ScaleOutTests {
             let a = try await s.worker(rules: echo)
             let b = try await s.worker(rules: echo)
             let users = ["oScaleA", "oScaleB"].map { base in
-                (0..<1000).map { "\(base)\($0)" }.first { s.topology.shard(openID: $0) == (base == "oScaleA" ? 0 : 1) } ?? base
+                (0..<1000).map { "\(base)\($0)" }.first { s.topology.shard(appID: s.appID, openID: $0) == (base == "oScaleA" ? 0 : 1) } ?? base
             }
             // Slow sends (10 ms each, one user at a time) build a backlog, so the handover happens mid-stream.
             var faults = FakePlatform.Faults()

@@ -127,7 +127,7 @@ struct WorkerPreload: AsyncParsableCommand {
                         ]
                         try await amqp.publish(
                             AMQPMessage(x.finish(), properties: AMQPProperties(contentType: "application/xml", headers: headers, messageID: "\(user):\(base + UInt64(i))")),
-                            exchange: topology.inboundExchange, routingKey: topology.routingKey(openID: user))
+                            exchange: topology.inboundExchange, routingKey: topology.routingKey(appID: "wxbench", openID: user))
                     }
                 }
             }
