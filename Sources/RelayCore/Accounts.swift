@@ -187,7 +187,8 @@ public struct AccountsConfiguration: Sendable, Equatable {
         do {
             root = try Yams.load(yaml: text)
         } catch {
-            throw fail("not valid YAML: \(error)")
+            // Only the first line (where and what): the rest quotes the file, which may hold secrets.
+            throw fail("not valid YAML: \("\(error)".split(separator: "\n").first ?? "")")
         }
         guard let top = root as? [String: Any], let list = top["accounts"] as? [Any] else {
             throw fail("expected a mapping with a list under 'accounts'")
