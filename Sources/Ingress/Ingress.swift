@@ -48,7 +48,7 @@ public struct IngressHandler: Sendable {
         self.now = now
         accounts = LockedValue(Dictionary(configuration.accounts.map { ($0.appID, $0) }) { first, _ in first })
         passive =
-            configuration.replyWait > .zero
+            configuration.replyWait > .zero || configuration.accounts.contains(where: { $0.replyWait > .zero })
             ? PassiveReplies(
                 amqp: amqp, prefix: configuration.topology.prefix, logger: logger, onDeclined: { metrics.passiveLateOffer.increment() })
             : nil
@@ -70,7 +70,13 @@ public struct IngressHandler: Sendable {
     /// Replaces the accounts (a reload of `WECHAT_ACCOUNTS_FILE`): a request already being
     /// handled finishes with the account it started with; an account removed answers 404 from now on.
     public func reload(_ configuration: AccountsConfiguration) throws {
-        let built = try configuration.accounts.map(IngressAccount.init)
+        let wait = self.configuration.replyWait
+        let built = try configuration.accounts.map { try IngressAccount($0, defaultWait: wait) }
+        if passive == nil, let waiting = built.first(where: { $0.replyWait > .zero }) {
+            throw ConfigurationError(
+                variable: "WECHAT_ACCOUNTS_FILE",
+                reason: "\(waiting.appID) waits for passive replies, but this ingress was started without (restart it)")
+        }
         accounts.withLock { $0 = Dictionary(built.map { ($0.appID, $0) }) { first, _ in first } }
     }
 
@@ -110,7 +116,7 @@ public struct IngressHandler: Sendable {
             // offer from a fast worker finds it. Without a reply queue (the broker connection is
             // being set up again) a push cannot be waited for: 503, and WeChat pushes it again.
             var waiting: (handshake: PassiveReplies, queue: String, id: String)?
-            if let passive {
+            if let passive, account.replyWait > .zero {
                 guard let queue = passive.queue else {
                     throw Rejection(
                         status: .serviceUnavailable, outcome: .unavailable,
@@ -129,14 +135,14 @@ public struct IngressHandler: Sendable {
             metrics.accepted(appID: account.appID)
             if let waiting {
                 let waitStart = ContinuousClock.now
-                let offer = await waiting.handshake.wait(waiting.id, for: arrived + configuration.offerWindow - ContinuousClock.now)
+                let offer = await waiting.handshake.wait(waiting.id, for: arrived + account.offerWindow - ContinuousClock.now)
                 metrics.replyWait.recordNanoseconds((ContinuousClock.now - waitStart).wholeNanoseconds)
                 if let offer { return passiveResponse(offer, inbound, account, handshake: waiting.handshake) }
                 metrics.passiveTimedOut.increment()
                 // A wait past WeChat's 5 s (passive-only): no more offers are taken (WeChat would
                 // drop the answer), but `success` only comes once WeChat has given up on this push
                 // and retries it; the retry's ingress waits for the reply again.
-                let hold = arrived + configuration.replyWait - ContinuousClock.now
+                let hold = arrived + account.replyWait - ContinuousClock.now
                 if hold > .zero { try? await Task.sleep(for: hold) }
             }
             logger.debug(
@@ -271,7 +277,7 @@ public struct IngressHandler: Sendable {
         ]
         if let event = m.event { headers[WeChatTopology.Header.event] = .string(event) }
         if replyTo != nil {
-            headers[PassiveHandshake.replyByHeader] = .int(ms + configuration.offerWindow.wholeNanoseconds / 1_000_000)
+            headers[PassiveHandshake.replyByHeader] = .int(ms + account.offerWindow.wholeNanoseconds / 1_000_000)
         }
         // message_id is a short string (≤ 255 bytes): the key's fixed-length digest goes there.
         let properties = AMQPProperties(

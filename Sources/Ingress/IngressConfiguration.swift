@@ -47,7 +47,8 @@ public struct IngressConfiguration: Sendable {
     /// - Throws: ``ConfigurationError`` naming the variable.
     public init(_ env: RelayEnvironment) throws {
         let loaded = try AccountsConfiguration.load(env)
-        accounts = try loaded.accounts.map(IngressAccount.init)
+        let wait = try Self.replyWait(env.string("INGRESS_REPLY_WAIT"))
+        accounts = try loaded.accounts.map { try IngressAccount($0, defaultWait: wait) }
         accountsFile = loaded.file
         let url = env.string("AMQP_URL", isSecret: true) ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
         do {
@@ -63,12 +64,12 @@ public struct IngressConfiguration: Sendable {
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
         topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
         idleTimeout = .seconds(try env.int("HTTP_IDLE_TIMEOUT", default: 30, range: 1...3600))
-        replyWait = try Self.replyWait(env.string("INGRESS_REPLY_WAIT"))
+        replyWait = wait
     }
 
     /// `INGRESS_REPLY_WAIT`: seconds, with up to three decimals, 0 to 15 (WeChat gives a push
     /// 5 s and retries twice, so no answer is useful later than that).
-    static func replyWait(_ text: String?) throws -> Duration {
+    static func replyWait(_ text: String?, variable: String = "INGRESS_REPLY_WAIT") throws -> Duration {
         guard let text, !text.isEmpty else { return .zero }
         let parts = text.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
         guard let whole = Int(parts[0]), (0...15).contains(whole), parts[0].allSatisfy({ $0.isASCII && $0.isNumber }),
@@ -76,7 +77,7 @@ public struct IngressConfiguration: Sendable {
             let fraction = parts.count == 2 ? Int(parts[1].padding(toLength: 3, withPad: "0", startingAt: 0)) : 0,
             whole < 15 || fraction == 0
         else {
-            throw ConfigurationError(variable: "INGRESS_REPLY_WAIT", reason: "must be seconds from 0 to 15 (up to 3 decimals), not '\(text)'")
+            throw ConfigurationError(variable: variable, reason: "must be seconds from 0 to 15 (up to 3 decimals), not '\(text)'")
         }
         return .seconds(whole) + .milliseconds(fraction)
     }
@@ -95,9 +96,20 @@ public struct IngressAccount: Sendable {
     /// a valid `msg_signature` and `Encrypt` is refused.
     public var encryption: IngressConfiguration.Encryption
 
+    /// How long a push waits for a passive reply: the account's `reply_wait`; else none when its
+    /// `reply_mode` is `customer-service` (its workers never offer one); else `INGRESS_REPLY_WAIT`.
+    public var replyWait: Duration
+    /// How long after a push's arrival offers are taken (at most 4.5 s, see ``IngressConfiguration/offerWindow``).
+    public var offerWindow: Duration { min(replyWait, IngressConfiguration.latestUsefulAnswer) }
+
     /// - Throws: ``ConfigurationError`` naming the variable or the accounts file's entry.
-    public init(_ spec: AccountSpec) throws {
+    public init(_ spec: AccountSpec, defaultWait: Duration = .zero) throws {
         appID = spec.appID
+        if let text = spec.replyWait {
+            replyWait = try IngressConfiguration.replyWait(text, variable: spec.place(.replyWait))
+        } else {
+            replyWait = spec.replyMode == "customer-service" ? .zero : defaultWait
+        }
         tokens = [try spec.require(.token)] + (spec.previousToken.map { [$0] } ?? [])
         func aesKey(_ field: AccountSpec.Field, _ text: String?) throws -> EncodingAESKey? {
             guard let text else { return nil }

@@ -21,7 +21,7 @@ public struct AccountSpec: Sendable, Equatable {
     public enum Field: String, Sendable, CaseIterable {
         case appID = "appid", accountID = "account_id", mode, token, previousToken = "previous_token"
         case aesKey = "aes_key", previousAESKey = "previous_aes_key", secret, rules
-        case replyMode = "reply_mode", decideURL = "decide_url"
+        case replyMode = "reply_mode", replyWait = "reply_wait", decideURL = "decide_url"
         case sendRate = "send_rate", sendBurst = "send_burst", dailyQuota = "daily_quota"
 
         /// The variable that sets it for the account of the single-account variables.
@@ -37,6 +37,7 @@ public struct AccountSpec: Sendable, Equatable {
             case .secret: "WECHAT_SECRET"
             case .rules: "WORKER_RULES"
             case .replyMode: "WORKER_REPLY_MODE"
+            case .replyWait: "INGRESS_REPLY_WAIT"
             case .decideURL: "WORKER_DECIDE_URL"
             case .sendRate: "WORKER_SEND_RATE"
             case .sendBurst: "WORKER_SEND_BURST"
@@ -61,6 +62,8 @@ public struct AccountSpec: Sendable, Equatable {
     /// A reply-rules file (relative paths are relative to the accounts file).
     public var rules: String?
     public var replyMode: String?
+    /// The ingress's wait for a passive reply (`INGRESS_REPLY_WAIT`'s format), for this account.
+    public var replyWait: String?
     public var decideURL: String?
     /// Customer-service sends a second, shared by every worker (nil: the workers' default, 0: no limit).
     public var sendRate: Double?
@@ -96,6 +99,7 @@ public struct AccountSpec: Sendable, Equatable {
             case .secret: secret
             case .rules: rules
             case .replyMode: replyMode
+            case .replyWait: replyWait
             case .decideURL: decideURL
             case .sendRate: sendRate.map { "\($0)" }
             case .sendBurst: sendBurst.map { "\($0)" }
@@ -183,27 +187,34 @@ public struct AccountsConfiguration: Sendable, Equatable {
         func fail(_ reason: String) -> ConfigurationError {
             ConfigurationError(variable: "WECHAT_ACCOUNTS_FILE", reason: "\(path): \(reason)")
         }
-        let root: Any?
+        // Composed, not loaded: every value is taken as the text written (a Token `0123456`
+        // stays that, not the octal number 42798; `yes` stays `yes`).
+        let root: Node?
         do {
-            root = try Yams.load(yaml: text)
+            root = try Yams.compose(yaml: text)
         } catch {
             // Only the first line (where and what): the rest quotes the file, which may hold secrets.
             throw fail("not valid YAML: \("\(error)".split(separator: "\n").first ?? "")")
         }
-        guard let top = root as? [String: Any], let list = top["accounts"] as? [Any] else {
+        guard let top = root?.mapping, let list = top["accounts"]?.sequence else {
             throw fail("expected a mapping with a list under 'accounts'")
         }
-        if let extra = top.keys.first(where: { $0 != "accounts" }) { throw fail("unknown key '\(extra)'") }
+        if let extra = top.keys.first(where: { $0.string != "accounts" }) { throw fail("unknown key '\(extra.string ?? "?")'") }
         let directory = URL(fileURLWithPath: path).deletingLastPathComponent()
         return try list.enumerated().map { index, item in
-            guard let entry = item as? [String: Any] else { throw fail("accounts[\(index)] is not a mapping") }
-            guard let appID = entry["appid"].map({ "\($0)" }), AccountSpec.isValidAppID(appID) else {
+            guard let entry = item.mapping else { throw fail("accounts[\(index)] is not a mapping") }
+            guard let appID = entry["appid"]?.scalar?.string, AccountSpec.isValidAppID(appID) else {
                 throw fail("accounts[\(index)]: appid is missing or not letters, digits, '_' or '-' (at most 64)")
             }
             var a = AccountSpec(appID: appID, origin: .file(path: path, index: index))
-            for (key, value) in entry {
+            for (keyNode, value) in entry {
+                let key = keyNode.string ?? "?"
                 guard let field = AccountSpec.Field(rawValue: key) else { throw fail("accounts[\(index)] \(appID): unknown key '\(key)'") }
-                let raw = "\(value)"
+                // `key:`, `key: ~` or `key: null`: unset. Lists and mappings are mistakes.
+                if value.null != nil { continue }
+                guard let raw = value.scalar?.string else {
+                    throw ConfigurationError(variable: a.place(field), reason: "must be a single value, not a list or a mapping")
+                }
                 let text = field.isSecret ? try resolveSecret(raw, place: a.place(field), env: env) : raw
                 func number<T: LosslessStringConvertible & Comparable>(_ range: ClosedRange<T>) throws -> T {
                     guard let n = T(raw), range.contains(n) else {
@@ -222,8 +233,15 @@ public struct AccountsConfiguration: Sendable, Equatable {
                 case .secret: a.secret = text
                 case .rules: a.rules = text.hasPrefix("/") ? text : directory.appendingPathComponent(text).path
                 case .replyMode: a.replyMode = text
+                case .replyWait: a.replyWait = text
                 case .decideURL: a.decideURL = text
-                case .sendRate: a.sendRate = try number(0.0...100_000.0)
+                case .sendRate:
+                    // 0 (no limit), or at least one send in 1,000 s: the limiter's interval stays a sane integer.
+                    let rate: Double = try number(0.0...100_000.0)
+                    guard rate == 0 || rate >= 0.001 else {
+                        throw ConfigurationError(variable: a.place(field), reason: "must be 0 (no limit) or at least 0.001, got '\(raw)'")
+                    }
+                    a.sendRate = rate
                 case .sendBurst: a.sendBurst = try number(1...100_000)
                 case .dailyQuota: a.dailyQuota = try number(1...1_000_000_000)
                 }
@@ -293,10 +311,13 @@ public struct AccountsReloader: Service {
             while !Task.isCancelled, file != nil {
                 try? await Task.sleep(for: interval)
                 let now = Self.digest(file)
-                if now != last, now != nil {
-                    last = now
-                    reloads.continuation.yield("the file changed")
-                }
+                guard now != last, now != nil else { continue }
+                // A file being written (not replaced whole) could be read half way: taken only
+                // once it reads the same twice, 300 ms apart.
+                try? await Task.sleep(for: .milliseconds(300))
+                guard Self.digest(file) == now else { continue }
+                last = now
+                reloads.continuation.yield("the file changed")
             }
         }
         defer {

@@ -233,6 +233,30 @@ public struct TokendRefresher: Service {
 
     public init(tokend: Tokend) { self.tokend = tokend }
 
+    /// Refreshes one account's credentials when due; returns when to look again and the
+    /// back-off to use after the next failure (nil: none, it succeeded).
+    static func refresh(_ account: TokendAccount, backoff b: Duration, tokend: Tokend) async -> (String, Duration, Duration?) {
+        var next: Duration = .seconds(60)
+        do {
+            for keeper in [account.accessToken, account.jsapiTicket] {
+                let had = try await keeper.current()
+                let c = try await keeper.refresh(had == nil ? .missing : .proactive)
+                // Due again at the margin (or the renewal point, when the upstream handed
+                // back the same value); at least every 60 s, at most every second.
+                let left = Double(await keeper.nextCheck(for: c) - CredentialKeeper.wallClock())
+                next = min(next, .seconds(max(1, min(60, left))))
+            }
+            return (account.appID, next, nil)
+        } catch {
+            tokend.recordUpstreamError(error)
+            let alert = (error as? UpstreamError)?.disposition == .alert
+            tokend.logger.log(
+                level: alert ? .critical : .error, "refresh failed; retrying",
+                metadata: ["wechat.appid": "\(account.appID)", "error": "\(error)", "retry_in": "\(alert ? Duration.seconds(60) : b)"])
+            return (account.appID, alert ? .seconds(60) : b, min(b * 2, .seconds(60)))
+        }
+    }
+
     public func run() async throws {
         // Per account: when it is due, and its back-off. One account failing (a wrong secret)
         // neither stops nor speeds up the others' refreshes.
@@ -240,29 +264,20 @@ public struct TokendRefresher: Service {
         var backoff: [String: Duration] = [:]
         while !Task.isCancelled, !Task.isShuttingDownGracefully {
             let accounts = tokend.allAccounts
-            for account in accounts where (due[account.appID] ?? .now) <= .now {
-                var next: Duration = .seconds(60)
-                do {
-                    for keeper in [account.accessToken, account.jsapiTicket] {
-                        let had = try await keeper.current()
-                        let c = try await keeper.refresh(had == nil ? .missing : .proactive)
-                        // Due again at the margin (or the renewal point, when the upstream handed
-                        // back the same value); at least every 60 s, at most every second.
-                        let left = Double(await keeper.nextCheck(for: c) - CredentialKeeper.wallClock())
-                        next = min(next, .seconds(max(1, min(60, left))))
-                    }
-                    backoff[account.appID] = nil
-                } catch {
-                    tokend.recordUpstreamError(error)
-                    let alert = (error as? UpstreamError)?.disposition == .alert
+            let dueNow = accounts.filter { (due[$0.appID] ?? .now) <= .now }
+            // Side by side: one account's slow upstream (or another replica's lock) delays no other.
+            let results = await withTaskGroup(of: (String, Duration, Duration?).self) { group in
+                for account in dueNow {
                     let b = backoff[account.appID] ?? .seconds(1)
-                    tokend.logger.log(
-                        level: alert ? .critical : .error, "refresh failed; retrying",
-                        metadata: ["wechat.appid": "\(account.appID)", "error": "\(error)", "retry_in": "\(alert ? Duration.seconds(60) : b)"])
-                    next = alert ? .seconds(60) : b
-                    backoff[account.appID] = min(b * 2, .seconds(60))
+                    group.addTask { await Self.refresh(account, backoff: b, tokend: tokend) }
                 }
-                due[account.appID] = .now + next
+                var out: [(String, Duration, Duration?)] = []
+                for await r in group { out.append(r) }
+                return out
+            }
+            for (appID, next, nextBackoff) in results {
+                due[appID] = .now + next
+                backoff[appID] = nextBackoff
             }
             let live = Set(accounts.map(\.appID))
             due = due.filter { live.contains($0.key) }

@@ -24,6 +24,8 @@ public final class WorkerAccount: Sendable {
     /// What the account was built from (a reload keeps an account whose settings did not change).
     let settings: WorkerAccountSettings?
     private let paused = Mutex<Date?>(nil)
+    /// The Beijing day of the count `quotaUsed` shows.
+    private let quotaDayShown = Mutex<String?>(nil)
     let replies, quotaExhausted: CoreMetrics.Counter
     let quotaUsed: CoreMetrics.Gauge
     let rateWait: CoreMetrics.Timer
@@ -56,6 +58,24 @@ public final class WorkerAccount: Sendable {
 
     func pause(for seconds: TimeInterval) { paused.withLock { $0 = Date().addingTimeInterval(seconds) } }
 
+    /// Takes over `other`'s pause (the same account rebuilt by a reload with other settings).
+    func inheritPause(from other: WorkerAccount) {
+        let until = other.paused.withLock { $0 }
+        paused.withLock { $0 = until }
+    }
+
+    /// Before `/metrics` is rendered: a count of an earlier day (this worker sent nothing for
+    /// the account since WeChat's midnight) shows 0, not yesterday's total.
+    func refreshQuotaGauge(now: Date = Date()) {
+        let today = Self.quotaDay(now)
+        let stale = quotaDayShown.withLock { day -> Bool in
+            guard let shown = day, shown != today else { return false }
+            day = today
+            return true
+        }
+        if stale { quotaUsed.record(0) }
+    }
+
     /// The day WeChat's daily quota counts in: Beijing time (UTC+8), `yyyymmdd`.
     static func quotaDay(_ date: Date = Date()) -> String {
         var calendar = Calendar(identifier: .gregorian)
@@ -68,9 +88,11 @@ public final class WorkerAccount: Sendable {
     /// and publishes the day's total. Best effort: a Redis error loses one count, never the reply.
     func countSend(logger: Logger) async {
         replies.increment()
-        let key = store.keys.quota(day: Self.quotaDay())
+        let day = Self.quotaDay()
+        let key = store.keys.quota(day: day)
         do {
             let n = try await store.redis.eval(Self.countScript, keys: [key], arguments: []).int ?? 0
+            quotaDayShown.withLock { $0 = day }
             quotaUsed.record(n)
         } catch {
             logger.debug("quota count not recorded", metadata: ["wechat.appid": "\(appID)", "error": "\(error)"])
@@ -123,8 +145,11 @@ public struct SendRateLimiter: Sendable {
     public init(redis: RedisPool, key: String, rate: Double, burst: Int) {
         self.redis = redis
         self.key = key
-        interval = max(1, Int64((1_000_000 / rate).rounded()))
-        tolerance = Int64(max(0, burst - 1)) * interval
+        // Configurations allow 0.001…100,000 a second and bursts up to 100,000: at most 10⁹ µs
+        // apart and 10¹⁴ µs ahead, exact in Lua's doubles (below 2⁵³). Clamped here as well.
+        let perSecond = min(max(rate, 0.001), 1_000_000)
+        interval = max(1, Int64((1_000_000 / perSecond).rounded()))
+        tolerance = Int64(min(max(0, burst - 1), 100_000)) * interval
     }
 
     /// Reserves the next slot; returns how long until it (zero: send now).

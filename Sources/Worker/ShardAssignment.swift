@@ -121,12 +121,19 @@ final class ShardRunner: Sendable {
     /// loop waits before taking more of that user (the rest stay in the queue, in order).
     static let maxQueuedPerUser = 16
 
+    /// Deliveries the broker hands this runner before it acknowledges any: more than the
+    /// permits (`WORKER_CONCURRENCY`), so that messages waiting for their account's send rate
+    /// (which hold no permit) do not keep the other accounts' messages in the queue behind them
+    /// (docs/operations.md, "Fairness between accounts"). A delivery waiting here costs memory
+    /// only (its body and headers, about 2 KB).
+    static func prefetch(concurrency: Int) -> Int { max(concurrency, 1024) }
+
     init(shard: Int, worker: Worker, limiter: Limiter) async throws {
         self.shard = shard
         self.worker = worker
         self.limiter = limiter
         consumer = try await worker.amqp.consume(
-            queue: worker.retry.base.shardQueue(shard), prefetch: UInt16(min(worker.concurrency, Int(UInt16.max))))
+            queue: worker.retry.base.shardQueue(shard), prefetch: UInt16(min(Self.prefetch(concurrency: worker.concurrency), Int(UInt16.max))))
     }
 
     /// Consumes until the consumer ends (``release(deadline:)``, or the broker cancelled it),
@@ -257,7 +264,11 @@ final class ShardRunner: Sendable {
         func interrupted() -> Bool { draining.isSet || worker.stopping.isSet || delivery.isStale || Task.isCancelled }
         while ContinuousClock.now < deadline {
             if interrupted() { return false }
-            try? await Task.sleep(for: min(.milliseconds(100), deadline - ContinuousClock.now))
+            // Checked every 100 ms near the end, every 500 ms before: a worker can have a
+            // thousand messages waiting for their account's send rate, and their wake-ups
+            // (10 a second each) took enough CPU to make them send late (BENCHMARKS.md).
+            let left = deadline - ContinuousClock.now
+            try? await Task.sleep(for: min(left > .seconds(1) ? .milliseconds(500) : .milliseconds(100), left))
         }
         return !interrupted()
     }

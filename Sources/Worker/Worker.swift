@@ -262,6 +262,10 @@ public final class Worker: Sendable {
         let live = Dictionary(next.map { ($0.appID, $0) }) { first, _ in first }
         accounts.withLock { a in
             let now = ContinuousClock.now
+            // An account rebuilt with other settings keeps its pause after an alert (45009, 48001).
+            for (appID, account) in live {
+                if let old = a.live[appID] ?? a.retired[appID]?.account, old !== account { account.inheritPause(from: old) }
+            }
             var retired = a.retired.filter { $0.value.until > now && live[$0.key] == nil }
             for (appID, account) in a.live where live[appID] == nil {
                 retired[appID] = (account, now + Self.retiredAccountGrace)
@@ -616,55 +620,63 @@ public final class Worker: Sendable {
         }
         // The account's send-rate limit: a slot is reserved and waited for (holding the user's
         // place, not a permit) before the claim, so that the claim's lease is not spent waiting.
-        if passive == nil, !(try await awaitSendSlot(account, shard, delivery, holdingClaim: preclaimed != nil)) {
-            if preclaimed?.claim == .claimed { try? await store.releaseClaim(message, worker: id) }
+        if passive == nil, !(try await awaitSendSlot(account, shard, delivery)) {
             return .done  // handed over or stopping: the delivery goes back with the channel
         }
         // At most one sender at a time: claim it (with our fence) right before the send.
         var start = ContinuousClock.now
         var claimWasUncertain = false
-        claiming: while true {
-            // Counted from before the claim: a pause between Redis granting it and us reading the
-            // answer must count against it.
-            let claim: SessionStore.Claim
-            if let first = preclaimed {
-                (claim, start) = first
-                preclaimed = nil
-            } else {
-                start = ContinuousClock.now
-                claim = try await store.claim(message, worker: id, fence: fence, lease: claimLease)
-            }
-            switch claim {
-            case .claimed:
-                break claiming
-            case .uncertain:
-                claimWasUncertain = true
-                metrics.uncertain.increment()
-                logger.warning(
-                    "an earlier send of this message may have reached WeChat (its sender stopped before recording it)",
-                    metadata: ["wechat.dedup_key": "\(message.dedupID)", "worker.uncertain_send": "\(uncertainSend.rawValue)"])
-                if uncertainSend == .skip {
-                    try await store.markReplied(message, sent: true)
+        /// Claims the message (or takes the claim made with the commit): nil once it is ours
+        /// (`start` and `claimWasUncertain` set), else the step that ends the message here.
+        func claimForSend() async throws -> Step? {
+            claiming: while true {
+                // Counted from before the claim: a pause between Redis granting it and us reading the
+                // answer must count against it.
+                let claim: SessionStore.Claim
+                if let first = preclaimed {
+                    (claim, start) = first
+                    preclaimed = nil
+                } else {
+                    start = ContinuousClock.now
+                    claim = try await store.claim(message, worker: id, fence: fence, lease: claimLease)
+                }
+                switch claim {
+                case .claimed:
+                    break claiming
+                case .uncertain:
+                    // Counted once per message here (a claim we keep and take again is ours, not news).
+                    if !claimWasUncertain {
+                        claimWasUncertain = true
+                        metrics.uncertain.increment()
+                        logger.warning(
+                            "an earlier send of this message may have reached WeChat (its sender stopped before recording it)",
+                            metadata: ["wechat.dedup_key": "\(message.dedupID)", "worker.uncertain_send": "\(uncertainSend.rawValue)"])
+                    }
+                    if uncertainSend == .skip {
+                        try await store.markReplied(message, sent: true)
+                        try delivery.ack()
+                        return .done
+                    }
+                    break claiming
+                case .busy(let ms):
+                    // Another worker is sending it (a hand-over raced us, or it paused): wait for its claim to resolve.
+                    logger.info("another worker holds this message's claim; waiting", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
+                    // Without a permit meanwhile: a stopped peer's claims must not hold other users up.
+                    shard.limiter.release()
+                    let waited = await shard.pause(.milliseconds(min(max(ms, 10), 1000)), for: delivery)
+                    await shard.limiter.acquire()
+                    guard waited else { return .done }
+                case .finished:
+                    metrics.duplicates.increment()
                     try delivery.ack()
                     return .done
+                case .fenced:
+                    return fenced(message, delivery, shard)
                 }
-                break claiming
-            case .busy(let ms):
-                // Another worker is sending it (a hand-over raced us, or it paused): wait for its claim to resolve.
-                logger.info("another worker holds this message's claim; waiting", metadata: ["wechat.dedup_key": "\(message.dedupID)"])
-                // Without a permit meanwhile: a stopped peer's claims must not hold other users up.
-                shard.limiter.release()
-                let waited = await shard.pause(.milliseconds(min(max(ms, 10), 1000)), for: delivery)
-                await shard.limiter.acquire()
-                guard waited else { return .done }
-            case .finished:
-                metrics.duplicates.increment()
-                try delivery.ack()
-                return .done
-            case .fenced:
-                return fenced(message, delivery, shard)
             }
+            return nil
         }
+        if let step = try await claimForSend() { return step }
         if let passive {
             switch try await offerPassively(passive, message, delivery, shard, account, fence: fence, claimedAt: start) {
             case .finished(let step): return step
@@ -684,14 +696,23 @@ public final class Worker: Sendable {
                 return .done
             }
         }
+        // passive-first's fall-back to the API, under the claim of the offer: the account's rate
+        // applies. A slot that is not free now is waited for without the claim (a clean one is
+        // given back; an uncertain one is kept, so that a death meanwhile still leaves it
+        // uncertain), and the message is claimed again after: the lease is not spent waiting.
+        if passive != nil, let limiter = account.limiter {
+            let wait = try await limiter.reserve()
+            account.rateWait.recordNanoseconds(wait.wholeNanoseconds)
+            if wait > .zero {
+                if !claimWasUncertain { try await store.releaseClaim(message, worker: id) }
+                guard await waitWithoutPermit(wait, shard, delivery) else { return .done }
+                if let step = try await claimForSend() { return step }
+            }
+        }
         // The last check before the request goes out: a claim older than half its lease (this
         // process was paused, or the token took long) may have passed to another worker.
         let lease = claimLease
         let claimedAt = start
-        if passive != nil, !(try await awaitSendSlot(account, shard, delivery, holdingClaim: true)) {
-            if !claimWasUncertain { try? await store.releaseClaim(message, worker: id) }
-            return .done
-        }
         let outcome = await account.sender.send(reply) { ContinuousClock.now - claimedAt < lease / 2 && !Task.isCancelled }
         metrics.sendLatency.recordNanoseconds((ContinuousClock.now - start).wholeNanoseconds)
         switch outcome {
@@ -754,15 +775,19 @@ public final class Worker: Sendable {
 
     /// Waits for a slot of the account's send-rate limit (``SendRateLimiter``), holding the
     /// user's place (the delivery) but not a permit, so that other users and accounts go on.
-    /// Returns false when the wait was cut by a hand-over or shutdown.
-    /// - Parameter holdingClaim: a claim is held (passive-first, after the offer): waits that
-    ///   would outlast half its lease still happen; the sender then refuses to send on a stale
-    ///   claim and the message is retried.
-    private func awaitSendSlot(_ account: WorkerAccount, _ shard: ShardRunner, _ delivery: AMQPDelivery, holdingClaim: Bool) async throws -> Bool {
+    /// Returns false when the wait was cut by a hand-over or shutdown. No claim may be held
+    /// (it is taken after the wait, so that its lease is not spent waiting).
+    private func awaitSendSlot(_ account: WorkerAccount, _ shard: ShardRunner, _ delivery: AMQPDelivery) async throws -> Bool {
         guard let limiter = account.limiter else { return true }
         let wait = try await limiter.reserve()
         account.rateWait.recordNanoseconds(wait.wholeNanoseconds)
         guard wait > .zero else { return true }
+        return await waitWithoutPermit(wait, shard, delivery)
+    }
+
+    /// Waits holding the user's place (the delivery) but not a permit; false when a hand-over
+    /// or shutdown cut the wait (the delivery then goes back with the channel).
+    private func waitWithoutPermit(_ wait: Duration, _ shard: ShardRunner, _ delivery: AMQPDelivery) async -> Bool {
         shard.limiter.release()
         let waited = await shard.pause(wait, for: delivery)
         await shard.limiter.acquire()

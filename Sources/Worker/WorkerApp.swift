@@ -110,7 +110,10 @@ public func buildWorkerRouter(worker: Worker, redis: RedisPool) -> Router<BasicR
             status: ok ? .ok : .serviceUnavailable,
             body: ResponseBody(byteBuffer: ByteBuffer(string: ok ? "ready" : "consuming=\(worker.isConsuming) redis=\(redisUp)")))
     }
-    router.get("/metrics") { _, _ in worker.metrics.registry.emitToString() }
+    router.get("/metrics") { _, _ in
+        for account in worker.servedAccounts { account.refreshQuotaGauge() }
+        return worker.metrics.registry.emitToString()
+    }
     return router
 }
 

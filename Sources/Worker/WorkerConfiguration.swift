@@ -88,6 +88,9 @@ public struct WorkerConfiguration: Sendable {
         }
         self.replyMode = replyMode
         sendRate = try Self.number(env.string("WORKER_SEND_RATE"), variable: "WORKER_SEND_RATE", range: 0...100_000) ?? 0
+        guard sendRate == 0 || sendRate >= 0.001 else {
+            throw ConfigurationError(variable: "WORKER_SEND_RATE", reason: "must be 0 (no limit) or at least 0.001")
+        }
         sendBurst = try env.string("WORKER_SEND_BURST").map { _ in try env.int("WORKER_SEND_BURST", default: 1, range: 1...100_000) }
         dailyQuota = try env.int("WORKER_DAILY_QUOTA", default: 500_000, range: 1...1_000_000_000)
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.

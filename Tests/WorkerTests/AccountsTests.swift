@@ -99,6 +99,7 @@ struct AccountsStack {
     /// Starts the simulator, tokend, the ingress and `workers` workers, and waits until all are ready.
     static func run(
         accounts: [Int] = [0, 1, 2], extra: [Int: [String]] = [:], workers: Int = 1, workerEnvironment: [String: String] = [:],
+        ingressEnvironment: [String: String] = [:],
         _ body: (inout AccountsStack) async throws -> Void
     ) async throws {
         let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
@@ -126,7 +127,7 @@ struct AccountsStack {
             try stack.start("wechat-sim", ["api"], extra: ["HTTP_PORT": "\(stack.simPort)", "WECHAT_ACCOUNTS_FILE": simFile])
             try await eventually("the simulator listens") { canConnect(port: stack.simPort) }
             try stack.start("wechat-tokend", extra: ["HTTP_PORT": "\(stack.tokendPort)"])
-            try stack.start("wechat-ingress", extra: ["HTTP_PORT": "\(stack.ingressPort)"])
+            try stack.start("wechat-ingress", extra: ingressEnvironment.merging(["HTTP_PORT": "\(stack.ingressPort)"]) { $1 })
             for _ in 0..<workers {
                 let port = try freePort()
                 stack.workerPorts.append(port)
@@ -208,6 +209,12 @@ struct AccountsStack {
     func sent(_ a: Account) async throws -> [FakePlatform.Recorded] {
         let (_, body) = try await get("\(simURL)/sim/messages?appid=\(a.appID)")
         return try JSONDecoder().decode([FakePlatform.Recorded].self, from: Data(body.utf8))
+    }
+
+    /// The value of the ingress's metric lines starting with `prefix`, summed.
+    func ingressMetric(_ prefix: String) async throws -> Double {
+        try await get("\(ingressURL)/metrics").body.split(separator: "\n").filter { $0.hasPrefix(prefix) }
+            .compactMap { $0.split(separator: " ").last.flatMap { Double($0) } }.reduce(0, +)
     }
 
     /// Every worker's `/metrics`, concatenated.
@@ -313,6 +320,22 @@ struct ManyAccountsTests {
         }
     }
 
+    /// INGRESS_REPLY_WAIT is the default of the accounts that set no `reply_mode`: an account
+    /// whose replies go through the customer-service API is not held for a passive reply that
+    /// never comes (its push is answered at once); another account's push waits (and, with
+    /// workers in customer-service mode, times out).
+    @Test func theReplyWaitAppliesOnlyToAccountsThatMayAnswerPassively() async throws {
+        try await AccountsStack.run(accounts: [0, 1], extra: [0: ["reply_mode: customer-service"]], ingressEnvironment: ["INGRESS_REPLY_WAIT": "1"]) { (s: inout AccountsStack) async throws in
+            let (a, b) = (AccountsStack.accounts[0], AccountsStack.accounts[1])
+            #expect(try await s.push(a, "帮助", from: "oNoWait") == 200)
+            #expect(try await s.ingressMetric("wechat_ingress_reply_wait_seconds_count") == 0)
+            #expect(try await s.replies(a, to: "oNoWait", count: 1) == [help])
+            #expect(try await s.push(b, "帮助", from: "oWaits") == 200)
+            #expect(try await s.ingressMetric("wechat_ingress_reply_wait_seconds_count") == 1)
+            #expect(try await s.ingressMetric("wechat_ingress_passive_total{outcome=\"timed_out\"}") == 1)
+        }
+    }
+
     /// Reloading: an account added to the file is served without a restart (ingress, tokend,
     /// workers); an account removed answers 404 from then on, and the messages already accepted
     /// for it are still answered (nothing in flight is lost).
@@ -413,6 +436,10 @@ struct AccountsConfigurationTests {
         #expect(a.sendRate == 2.5 && a.dailyQuota == 1000)
         #expect(a.rules == URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent("rules/x.yaml").path)
         #expect(loaded.single?.appID == "wx1")
+        // Values are the text written: YAML's number and boolean forms are not converted.
+        let typed = try write("accounts:\n  - appid: wx2\n    token: 0123456\n    secret: yes\n    aes_key: ~\n    previous_token:\n")
+        let b = try #require(try AccountsConfiguration.load(RelayEnvironment(["WECHAT_ACCOUNTS_FILE": typed])).account("wx2"))
+        #expect(b.token == "0123456" && b.secret == "yes" && b.aesKey == nil && b.previousToken == nil)
         // With WECHAT_APPID too: two accounts, the variables' first.
         let both = try AccountsConfiguration.load(RelayEnvironment(["WECHAT_ACCOUNTS_FILE": path, "MY_SECRET": "s", "WECHAT_APPID": "wx0"]))
         #expect(both.accounts.map(\.appID) == ["wx0", "wx1"] && both.single == nil)
@@ -435,6 +462,11 @@ struct AccountsConfigurationTests {
         #expect(try error("accounts:\n  - appid: wx1\n    secret: file:/no/such/file\n").contains("/no/such/file"))
         #expect(try error("accounts:\n  - appid: wx1\n    send_rate: fast\n").contains("send_rate"))
         #expect(try error("accounts: [").contains("YAML"))
+        // A broken line with an inline secret: the error says where, never what.
+        let leak = try error("accounts:\n  - appid: wx1\n    token: \"s3cretT0ken\n    secret: x\n")
+        #expect(leak.contains("YAML") && !leak.contains("s3cretT0ken"), "\(leak)")
+        #expect(try error("accounts:\n  - appid: wx1\n    send_rate: 0.0000001\n").contains("send_rate"))
+        #expect(try error("accounts:\n  - appid: wx1\n    token: [a, b]\n").contains("token"))
         #expect(throws: ConfigurationError.self) { try AccountsConfiguration.load(RelayEnvironment(["WECHAT_ACCOUNTS_FILE": "/no/such.yaml"])) }
         // Neither variable: the error names WECHAT_APPID, as before accounts files existed.
         #expect { try AccountsConfiguration.load(RelayEnvironment([:])) } throws: { ($0 as? ConfigurationError)?.variable == "WECHAT_APPID" }
