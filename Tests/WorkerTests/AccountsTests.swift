@@ -487,7 +487,9 @@ struct SendRateLimiterTests {
         defer { redis.close() }
         do {
             let key = TestServices.unique("rate")
-            let limiter = SendRateLimiter(redis: redis, key: key, rate: 4, burst: 2)  // 250 ms apart, two at once
+            // 100 s apart, two at once: however slow this machine is, the reservations below
+            // are made well within one interval, so the waits are the schedule, not the clock.
+            let limiter = SendRateLimiter(redis: redis, key: key, rate: 0.01, burst: 2)
             let time = try await redis.send(["TIME"])
             let before = try #require(time.array.flatMap { a -> Int64? in
                 guard a.count == 2, let s = a[0].int, let us = a[1].int else { return nil }
@@ -499,7 +501,8 @@ struct SendRateLimiterTests {
             #expect(waits[2] > .zero)
             #expect(zip(waits.dropFirst(2), waits.dropFirst(3)).allSatisfy { $0 < $1 })  // in order, later ones longer
             let tat = try #require(try await redis.send(["GET", .init(key)]).int)
-            #expect(tat >= before + 6 * 250_000)
+            #expect(tat >= before + 6 * 100_000_000)
+            #expect(waits[2] > .seconds(90) && waits[5] > .seconds(390))
         }
     }
 }
