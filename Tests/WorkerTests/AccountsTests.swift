@@ -336,6 +336,26 @@ struct ManyAccountsTests {
         }
     }
 
+    /// passive-first with a send rate: a reply the ingress did not wait for goes to the API, and
+    /// waits for its account's slot. It waited holding the claim of the offer: a wait past half
+    /// the claim's lease made the sender refuse (a stale claim), the message was retried, and each
+    /// retry reserved a slot further back (the reviewer's finding). Now the claim is given back
+    /// for the wait and taken again after it: every reply goes out, none retried.
+    @Test func passiveFirstFallsBackToTheRateLimitedAPIWithoutRetries() async throws {
+        try await AccountsStack.run(
+            accounts: [0], extra: [0: ["reply_mode: passive-first", "reply_wait: 0", "send_rate: 1", "send_burst: 1"]],
+            workerEnvironment: ["WORKER_CLAIM_LEASE": "4"]
+        ) { (s: inout AccountsStack) async throws in
+            let a = AccountsStack.accounts[0]
+            let users = (0..<6).map { "oSlow\($0)" }
+            for u in users { #expect(try await s.push(a, "帮助", from: u) == 200) }
+            // One a second: the last one's slot is 5 s away, past half the 4 s lease.
+            for u in users { #expect(try await s.replies(a, to: u, count: 1, within: 40) == [help]) }
+            #expect(try await s.metric("wechat_worker_messages_total{outcome=\"retried\"}") == 0)
+            #expect(try await s.metric("wechat_worker_replies_total{channel=\"customer_service\"}") == 6)
+        }
+    }
+
     /// Reloading: an account added to the file is served without a restart (ingress, tokend,
     /// workers); an account removed answers 404 from then on, and the messages already accepted
     /// for it are still answered (nothing in flight is lost).

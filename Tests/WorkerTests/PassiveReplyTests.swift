@@ -459,7 +459,9 @@ func wechatpyDecrypts(_ envelope: String, python: String, appID: String) async t
 struct PassiveIngressKillTests {
     @Test func anIngressKilledMidWaitLeavesTheReplyToTheAPI() async throws {
         let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
-        try await withStack { s in
+        // The ingress process routes over the contract's 8 shards: the stack must have them all
+        // (with 2, a push whose shard was 2…7 went nowhere; the shard depends on the random AppID).
+        try await withStack(shards: 8) { s in
             let echo = DelayedEcho()
             let w = try await s.worker(handlers: [echo], replyMode: .passiveFirst)
             let port = try freePort()
@@ -471,9 +473,15 @@ struct PassiveIngressKillTests {
                     "HTTP_HOST": "127.0.0.1", "HTTP_PORT": String(port), "INGRESS_REPLY_WAIT": "5", "LOG_LEVEL": "warning",
                 ], logPath: log)
             defer { child.kill() }
-            try await eventually("the ingress to listen") { canConnect(port: port) }
+            // Ready, not only listening: until its broker connection and reply queue are up, a
+            // push is answered 503 (and this test's single try would be lost; seen once in CI).
+            try await eventually("the ingress to be ready") {
+                guard let r = try? await HTTPClient.shared.execute(HTTPClientRequest(url: "http://127.0.0.1:\(port)/readyz"), timeout: .seconds(2))
+                else { return false }
+                return r.status == .ok
+            }
             try await running([w]) {
-                try await eventually("the worker to be ready") { w.isConsuming }
+                await w.waitUntilOwning(8)
                 let user = "oOrphan"
                 s.platform.userPushed(openID: user, msgType: "text", event: nil)
                 var pusher = Pusher(ingressURL: "http://127.0.0.1:\(port)/wechat", appID: s.appID, token: "tok", aesKey: nil, accountID: "gh_test", mode: .plaintext)
