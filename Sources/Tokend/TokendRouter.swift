@@ -43,10 +43,7 @@ public func buildTokendRouter(_ tokend: Tokend) -> Router<BasicRequestContext> {
         }
         group.post("access-token/refresh") { request, context in
             await forAccount(request, context) { account in
-                let body = try await request.body.collect(upTo: 1 << 16)
-                guard let stale = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["stale_token"],
-                    !stale.isEmpty
-                else {
+                guard let stale = try await stringField(request, "stale_token") else {
                     return text(.badRequest, "expected {\"stale_token\": \"…\"}")
                 }
                 let c = try await account.accessToken.refresh(.passive, stale: stale)
@@ -61,10 +58,7 @@ public func buildTokendRouter(_ tokend: Tokend) -> Router<BasicRequestContext> {
         }
         group.post("jssdk/signature") { request, context in
             await forAccount(request, context) { account in
-                let body = try await request.body.collect(upTo: 1 << 16)
-                guard let url = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?["url"],
-                    !url.isEmpty
-                else {
+                guard let url = try await stringField(request, "url") else {
                     return text(.badRequest, "expected {\"url\": \"…\"}")
                 }
                 let ticket = try await account.jsapiTicket.refresh(.missing).value
@@ -105,6 +99,14 @@ public struct JSSDKSignature: Codable, Sendable {
     public var timestamp: Int64
     public var nonceStr: String
     public var signature: String
+}
+
+/// The non-empty string `name` of a small JSON object body (`{"url": "…"}`), or nil.
+private func stringField(_ request: Request, _ name: String) async throws -> String? {
+    let body = try await request.body.collect(upTo: 1 << 16)
+    guard let value = (try? JSONDecoder().decode([String: String].self, from: Data(body.readableBytesView)))?[name], !value.isEmpty
+    else { return nil }
+    return value
 }
 
 private func json<T: Encodable>(_ value: T) -> Response {
