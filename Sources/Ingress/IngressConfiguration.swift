@@ -110,6 +110,11 @@ public struct IngressAccount: Sendable {
         } else {
             replyWait = spec.replyMode == "customer-service" ? .zero : defaultWait
         }
+        // passive-only without a wait: every reply would be dropped (no push waits for it).
+        if spec.replyMode == "passive-only", replyWait == .zero {
+            throw ConfigurationError(
+                variable: spec.place(.replyWait), reason: "reply_mode passive-only needs a wait for the reply (reply_wait or INGRESS_REPLY_WAIT, 5 s)")
+        }
         tokens = [try spec.require(.token)] + (spec.previousToken.map { [$0] } ?? [])
         func aesKey(_ field: AccountSpec.Field, _ text: String?) throws -> EncodingAESKey? {
             guard let text else { return nil }

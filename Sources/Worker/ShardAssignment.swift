@@ -119,7 +119,11 @@ final class ShardRunner: Sendable {
 
     /// At most this many deliveries of one user wait in this worker at once; the shard's
     /// loop waits before taking more of that user (the rest stay in the queue, in order).
-    static let maxQueuedPerUser = 16
+    /// As many as the prefetch: the loop blocks (every user of the shard waits) only once the
+    /// prefetch is full anyway. With a cap below it (16 before accounts had send rates), one
+    /// user of a rate-limited account with that many messages waiting for their slots blocked
+    /// the shard's other users and accounts for as long as the slots were away.
+    let maxQueuedPerUser: Int
 
     /// Deliveries the broker hands this runner before it acknowledges any: more than the
     /// permits (`WORKER_CONCURRENCY`), so that messages waiting for their account's send rate
@@ -132,6 +136,7 @@ final class ShardRunner: Sendable {
         self.shard = shard
         self.worker = worker
         self.limiter = limiter
+        maxQueuedPerUser = Self.prefetch(concurrency: worker.concurrency)
         consumer = try await worker.amqp.consume(
             queue: worker.retry.base.shardQueue(shard), prefetch: UInt16(min(Self.prefetch(concurrency: worker.concurrency), Int(UInt16.max))))
     }
@@ -158,7 +163,7 @@ final class ShardRunner: Sendable {
                     // A copy of a message whose job is in hand goes to that job (passive modes).
                     let copyKey = worker.offers == nil ? nil : Self.copyKey(delivery)
                     if let copyKey, !admit(copyKey, delivery) { continue }
-                    await turns.waitUntilFewer(than: Self.maxQueuedPerUser, for: user)
+                    await turns.waitUntilFewer(than: maxQueuedPerUser, for: user)
                     // Handing over: not processed, not acked; closing the channel returns it in order.
                     // Checked and taken under the turns' lock, so release() cannot slip in between.
                     guard let turn = turns.take(user, unless: draining) else {

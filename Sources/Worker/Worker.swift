@@ -618,11 +618,6 @@ public final class Worker: Sendable {
             try delivery.ack()
             return .done
         }
-        // The account's send-rate limit: a slot is reserved and waited for (holding the user's
-        // place, not a permit) before the claim, so that the claim's lease is not spent waiting.
-        if passive == nil, !(try await awaitSendSlot(account, shard, delivery)) {
-            return .done  // handed over or stopping: the delivery goes back with the channel
-        }
         // At most one sender at a time: claim it (with our fence) right before the send.
         var start = ContinuousClock.now
         var claimWasUncertain = false
@@ -675,6 +670,27 @@ public final class Worker: Sendable {
                 }
             }
             return nil
+        }
+        // The account's send-rate limit: a slot is reserved and waited for (holding the user's
+        // place, not a permit) before the claim, so that the claim's lease is not spent waiting.
+        if passive == nil, account.limiter != nil {
+            // A claim taken with the commit (another worker's decision was stored first, and ours
+            // had a passive form where the stored one has none): its result is handled now (an
+            // uncertain one counted and decided), then a clean claim is given back for the wait
+            // and an uncertain one kept (a death meanwhile leaves it uncertain); the claim is
+            // taken again after the wait.
+            if preclaimed != nil {
+                if let step = try await claimForSend() { return step }
+                if !claimWasUncertain { try await store.releaseClaim(message, worker: id) }
+            }
+            guard try await awaitSendSlot(account, shard, delivery) else {
+                return .done  // handed over or stopping: the delivery goes back with the channel
+            }
+            // The wait may have been long: an alert meanwhile (45009, 48001) paused the account.
+            if account.isPaused {
+                await deadLetter(delivery, reason: "sending paused after an alert; replay when fixed")
+                return .done
+            }
         }
         if let step = try await claimForSend() { return step }
         if let passive {

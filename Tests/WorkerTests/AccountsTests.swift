@@ -124,7 +124,9 @@ struct AccountsStack {
             simPort: try freePort(), tokendPort: try freePort(), ingressPort: try freePort(), client: client)
         try stack.writeAccounts(accounts, extra: extra)
         do {
-            try stack.start("wechat-sim", ["api"], extra: ["HTTP_PORT": "\(stack.simPort)", "WECHAT_ACCOUNTS_FILE": simFile])
+            // WeChat's 5 customer-service messages per user message would refuse replies to a user
+            // whose pushes all came before the replies (the flood test's heavy user).
+            try stack.start("wechat-sim", ["api", "--message-quota", "100"], extra: ["HTTP_PORT": "\(stack.simPort)", "WECHAT_ACCOUNTS_FILE": simFile])
             try await eventually("the simulator listens") { canConnect(port: stack.simPort) }
             try stack.start("wechat-tokend", extra: ["HTTP_PORT": "\(stack.tokendPort)"])
             try stack.start("wechat-ingress", extra: ingressEnvironment.merging(["HTTP_PORT": "\(stack.ingressPort)"]) { $1 })
@@ -406,6 +408,10 @@ struct ManyAccountsTests {
                 for i in 0..<flood { group.addTask { try await stack.push(a, "帮助", from: "oFlood\(i)") } }
                 for try await status in group { #expect(status == 200) }
             }
+            // And one user of A with 20 messages in a row: a per-user line of 16 used to block its
+            // shard's dispatch (every other user of that shard, of every account) while that
+            // user's messages waited for A's slots one after another.
+            for _ in 0..<20 { #expect(try await s.push(a, "帮助", from: "oHeavy") == 200) }
             var latencies: [Double] = []
             for i in 0..<10 {
                 for account in [b, c] {
@@ -424,6 +430,7 @@ struct ManyAccountsTests {
             // is ahead of Redis's clock by (almost) the backlog still waiting.
             #expect(try await s.metric("wechat_worker_rate_wait_seconds_count{appid=\"\(a.appID)\"}") >= Double(flood))
             for i in 0..<flood { _ = try await s.replies(a, to: "oFlood\(i)", count: 1, within: 60) }
+            #expect(try await s.replies(a, to: "oHeavy", count: 20, within: 60).count == 20)
         }
     }
 }
