@@ -475,7 +475,7 @@ extension Stack {
             environment: [
                 "WECHAT_APPID": appID, "AMQP_URL": amqpURL, "REDIS_URL": try TestServices.redisURL(),
                 "WECHAT_API_URL": apiURL, "TOKEND_URL": tokendURL, "TOKEND_SECRET": "bearer",
-                "WECHAT_QUEUE_PREFIX": topology.prefix, "METRICS_PORT": String(Int.random(in: 30000...39999)),
+                "WECHAT_QUEUE_PREFIX": topology.prefix, "METRICS_PORT": String(try freePort()),
                 "LOG_LEVEL": "warning",
             ].merging(extra) { $1 }, logPath: log)
     }
