@@ -67,7 +67,7 @@ public final class WorkerAccount: Sendable {
     /// Before `/metrics` is rendered: a count of an earlier day (this worker sent nothing for
     /// the account since WeChat's midnight) shows 0, not yesterday's total.
     func refreshQuotaGauge(now: Date = Date()) {
-        let today = Self.quotaDay(now)
+        let today = QuotaDay.today(now)
         let stale = quotaDayShown.withLock { day -> Bool in
             guard let shown = day, shown != today else { return false }
             day = today
@@ -76,36 +76,31 @@ public final class WorkerAccount: Sendable {
         if stale { quotaUsed.record(0) }
     }
 
-    /// The day WeChat's daily quota counts in: Beijing time (UTC+8), `yyyymmdd`.
-    static func quotaDay(_ date: Date = Date()) -> String {
+    /// A send WeChat accepted, counted today (`today`: the account's total, from the finished
+    /// mark's script; 0 when the mark was already there).
+    func countSend(today: Int64) {
+        replies.increment()
+        guard today > 0 else { return }
+        quotaDayShown.withLock { $0 = QuotaDay.today() }
+        quotaUsed.record(today)
+    }
+}
+
+/// The day WeChat's daily quota counts in: Beijing time (UTC+8, when the quota resets), as
+/// `yyyymmdd`; the text is made once a day, not per send.
+enum QuotaDay {
+    private static let cache = Mutex<(day: Int64, text: String)?>(nil)
+
+    static func today(_ date: Date = Date()) -> String {
+        let day = (Int64(date.timeIntervalSince1970) + 8 * 3600).quotientAndRemainder(dividingBy: 86_400).quotient
+        if let c = cache.withLock({ $0 }), c.day == day { return c.text }
         var calendar = Calendar(identifier: .gregorian)
         calendar.timeZone = TimeZone(secondsFromGMT: 8 * 3600) ?? .gmt
         let c = calendar.dateComponents([.year, .month, .day], from: date)
-        return String(format: "%04d%02d%02d", c.year ?? 0, c.month ?? 0, c.day ?? 0)
+        let text = String(format: "%04d%02d%02d", c.year ?? 0, c.month ?? 0, c.day ?? 0)
+        cache.withLock { $0 = (day, text) }
+        return text
     }
-
-    /// Counts a send WeChat accepted against today's quota (shared by all workers, in Redis)
-    /// and publishes the day's total. Best effort: a Redis error loses one count, never the reply.
-    func countSend(logger: Logger) async {
-        replies.increment()
-        let day = Self.quotaDay()
-        let key = store.keys.quota(day: day)
-        do {
-            let n = try await store.redis.eval(Self.countScript, keys: [key], arguments: []).int ?? 0
-            quotaDayShown.withLock { $0 = day }
-            quotaUsed.record(n)
-        } catch {
-            logger.debug("quota count not recorded", metadata: ["wechat.appid": "\(appID)", "error": "\(error)"])
-        }
-    }
-
-    /// Today's count and a two-day expiry, in one round trip.
-    static let countScript = RedisScript(
-        """
-        local n = redis.call('INCR', KEYS[1])
-        if n == 1 then redis.call('EXPIRE', KEYS[1], 172800) end
-        return n
-        """)
 }
 
 /// The per-account settings a worker derives from its configuration: the account's own keys

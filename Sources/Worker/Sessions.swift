@@ -166,8 +166,14 @@ public struct SessionStore: Sendable {
     // without covering the first one.
     private static let markRepliedScript = RedisScript(
         """
+        local today = 0
         if redis.call('HSETNX', KEYS[1], 'replied', ARGV[3]) == 1 then
-          if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[2], 'cs_sent', 1) end
+          if ARGV[1] == '1' then
+            redis.call('HINCRBY', KEYS[2], 'cs_sent', 1)
+            -- The account's sends today (its daily quota), counted once per message with its mark.
+            today = redis.call('INCR', KEYS[4])
+            if today == 1 then redis.call('EXPIRE', KEYS[4], 172800) end
+          end
           -- The user's last finished message (a passive reply is offered again to a retry only
           -- while no later message of the user has finished: order).
           redis.call('HSET', KEYS[2], 'last_done', ARGV[4])
@@ -180,7 +186,7 @@ public struct SessionStore: Sendable {
           redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
         end
         redis.call('EXPIRE', KEYS[1], ARGV[2])
-        return 1
+        return today
         """)
 
     /// Records the message in the session (once per dedup key) and returns the snapshot to decide on.
@@ -384,10 +390,15 @@ public struct SessionStore: Sendable {
 
     /// Marks the message finished; `sent` counts a customer-service message against the window's
     /// quota; `passive` records a passive reply (its decision is kept for WeChat's retries).
-    public func markReplied(_ m: InboundMessage, sent: Bool, passive: Bool = false) async throws {
-        _ = try await replicatedEval(
-            Self.markRepliedScript, keys: [recordKey(m), sessionKey(m.fromUserName), keys.passiveDecision(m.dedupID)],
-            arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)])
+    /// - Returns: for a customer-service send marked now, the account's sends today (the quota
+    ///   count, `<prefix>:<appid>:quota:<day>`, raised in the same script: once per message); else 0.
+    @discardableResult
+    public func markReplied(_ m: InboundMessage, sent: Bool, passive: Bool = false) async throws -> Int64 {
+        try await replicatedEval(
+            Self.markRepliedScript,
+            keys: [recordKey(m), sessionKey(m.fromUserName), keys.passiveDecision(m.dedupID), keys.quota(day: QuotaDay.today())],
+            arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)]
+        ).int ?? 0
     }
 
     /// Runs a script whose loss in a failover could send a reply twice (a claim, before the

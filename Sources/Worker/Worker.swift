@@ -735,8 +735,7 @@ public final class Worker: Sendable {
         case .sent:
             // WeChat accepted the reply: from here on it must never be sent again, so a Redis
             // error while recording it is retried here, never turned into a retry of the message.
-            await markSent(message, account)
-            await account.countSend(logger: logger)
+            account.countSend(today: await markSent(message, account))
             countReplied(delivery, passively: false)
             try delivery.ack()
             return .done
@@ -969,13 +968,14 @@ public final class Worker: Sendable {
     /// worker is shutting down it gives up after a few more tries and logs the message as
     /// at risk of a second send (only WeChat's retry of the same push could then repeat it).
     /// - Parameter viaAPI: false for a passive reply, which uses none of the customer-service quota.
-    private func markSent(_ message: InboundMessage, _ account: WorkerAccount, viaAPI: Bool = true, passive: Bool = false) async {
+    /// - Returns: the account's customer-service sends today when this mark counted one (else 0).
+    @discardableResult
+    private func markSent(_ message: InboundMessage, _ account: WorkerAccount, viaAPI: Bool = true, passive: Bool = false) async -> Int64 {
         var delay: Duration = .milliseconds(50)
         var triesWhileStopping = 0
         while true {
             do {
-                try await account.store.markReplied(message, sent: viaAPI, passive: passive)
-                return
+                return try await account.store.markReplied(message, sent: viaAPI, passive: passive)
             } catch {
                 metrics.markRetries.increment()
                 if stopping.isSet || Task.isCancelled {
@@ -984,7 +984,7 @@ public final class Worker: Sendable {
                         logger.error(
                             "cannot record a sent reply before shutdown; a retry of this push by WeChat would be answered again",
                             metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])
-                        return
+                        return 0
                     }
                 }
                 logger.warning("cannot record a sent reply yet; retrying", metadata: ["wechat.dedup_key": "\(message.dedupID)", "error": "\(error)"])

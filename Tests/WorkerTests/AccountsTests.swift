@@ -507,6 +507,22 @@ struct AccountsConfigurationTests {
 
 @Suite("Send-rate limiter", .enabled(if: TestServices.redisEnabled))
 struct SendRateLimiterTests {
+    /// The daily quota is counted by the finished mark's script: once per message, however
+    /// often the mark is written again (a Redis error after it succeeded, a redelivery).
+    @Test func theQuotaCountsEachSendOnceWithItsFinishedMark() async throws {
+        let redis = RedisPool(configuration: try RedisConfiguration(url: try TestServices.redisURL()), size: 2, logger: .init(label: "quota"))
+        defer { redis.close() }
+        let store = SessionStore(redis: redis, appID: "wxquota", prefix: TestServices.unique("quota"))
+        let first = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oQ", to: "gh", msgID: 1))
+        let second = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oQ", to: "gh", msgID: 2))
+        let third = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oQ", to: "gh", msgID: 3))
+        #expect(try await store.markReplied(first, sent: true) == 1)
+        #expect(try await store.markReplied(first, sent: true) == 0)  // marked again: not counted again
+        #expect(try await store.markReplied(second, sent: false) == 0)  // no send (no reply, a passive one)
+        #expect(try await store.markReplied(third, sent: true) == 2)
+        #expect(try await redis.send(["GET", .init(store.keys.quota(day: QuotaDay.today()))]).int == 2)
+    }
+
     /// GCRA: the reservations advance the shared schedule by one interval each; a burst is
     /// free, the rest wait in order. Checked on the state in Redis, not on a clock.
     @Test func reservationsAdvanceTheScheduleByOneIntervalEach() async throws {
