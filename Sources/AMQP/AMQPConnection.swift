@@ -35,8 +35,9 @@ public final class AMQPConnection: Sendable {
     public let configuration: AMQPConfiguration
     let logger: Logger
     let mailbox: Mailbox
-    /// For ``connect(configuration:topology:logger:)``: report the first failure instead of retrying.
-    let failFirstConnect: Bool
+    /// For ``connect(configuration:topology:patience:logger:)``: report the first failure instead of
+    /// retrying, except a set-up the broker dropped, tried again for this long (nil: retry everything).
+    let firstConnectPatience: Duration?
 
     /// Creates a connection that connects in the background and retries until it succeeds.
     ///
@@ -45,17 +46,17 @@ public final class AMQPConnection: Sendable {
     public convenience init(configuration: AMQPConfiguration, topology: AMQPTopology = AMQPTopology(), logger: Logger)
         throws
     {
-        try self.init(configuration: configuration, topology: topology, logger: logger, failFirstConnect: false)
+        try self.init(configuration: configuration, topology: topology, logger: logger, firstConnectPatience: nil)
         start(waiter: nil)
     }
 
-    private init(configuration: AMQPConfiguration, topology: AMQPTopology, logger: Logger, failFirstConnect: Bool)
+    private init(configuration: AMQPConfiguration, topology: AMQPTopology, logger: Logger, firstConnectPatience: Duration?)
         throws
     {
         self.configuration = configuration
         self.logger = logger
         self.mailbox = try Mailbox()
-        self.failFirstConnect = failFirstConnect
+        self.firstConnectPatience = firstConnectPatience
         if !topology.isEmpty {
             // Recorded before the first connection so that it is part of every (re)declaration.
             _ = mailbox.submit { core in core.rememberTopology(topology) }
@@ -65,11 +66,17 @@ public final class AMQPConnection: Sendable {
     /// Connects, declares `topology`, and returns the connection; fails with a clear
     /// error (bad credentials, refused connection, conflicting declaration) instead of retrying.
     /// After this first success the connection reconnects by itself.
+    ///
+    /// - Parameter patience: a set-up the broker accepted and then dropped for a reason of its
+    ///   own (a quorum queue whose cluster did not form in time: `541 INTERNAL_ERROR`; a node
+    ///   stopping: `320 CONNECTION_FORCED`; a broken socket) is tried again, with the usual
+    ///   backoff, until this long after the first attempt; then its error is reported.
     public static func connect(
-        configuration: AMQPConfiguration, topology: AMQPTopology = AMQPTopology(), logger: Logger
+        configuration: AMQPConfiguration, topology: AMQPTopology = AMQPTopology(), patience: Duration = .seconds(60),
+        logger: Logger
     ) async throws -> AMQPConnection {
         let connection = try AMQPConnection(
-            configuration: configuration, topology: topology, logger: logger, failFirstConnect: true)
+            configuration: configuration, topology: topology, logger: logger, firstConnectPatience: patience)
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
             connection.start(waiter: c)
         }
@@ -118,6 +125,11 @@ public final class AMQPConnection: Sendable {
     }
 
     /// Declares exchanges, queues and bindings now, and again after every reconnection.
+    ///
+    /// If the broker drops the connection in the middle of it for a reason of its own (a quorum
+    /// queue whose cluster did not form in time), the declaration is made by the reconnection's
+    /// set-up and this waits for that; a conflicting declaration fails at once, and so does a
+    /// call made while the connection is down (``AMQPError/Code/notConnected``).
     public func declare(_ topology: AMQPTopology) async throws {
         try await run { core, c in core.declare(topology, c) }
     }

@@ -261,3 +261,21 @@ struct ConnectionStateMachineTests {
         #expect(idle.state == .closing(connected: false))
     }
 }
+
+@Suite("AMQPError: failures that may pass by themselves")
+struct AMQPErrorPassingTests {
+    @Test func aConnectionTheBrokerDroppedMayPass() {
+        #expect(AMQPError(.connectionLost, "cluster_not_formed", status: 541).mayPassByItself)
+        #expect(AMQPError(.connectionLost, "node stopping", status: 320).mayPassByItself)
+        #expect(AMQPError(.connectionLost, "socket error", status: -9).mayPassByItself)
+        #expect(AMQPError(.connectionLost, "closed").mayPassByItself)
+    }
+
+    @Test func whatNeedsAChangeIsReportedAtOnce() {
+        #expect(!AMQPError(.connectionLost, "frame error", status: 501).mayPassByItself)
+        #expect(!AMQPError(.connectionLost, "not allowed", status: 530).mayPassByItself)
+        #expect(!AMQPError(.authenticationFailed, "refused", status: 403).mayPassByItself)
+        #expect(!AMQPError(.connectionFailed, "refused", status: -9).mayPassByItself)
+        #expect(!AMQPError(.channelClosed, "inequivalent arg", status: 406).mayPassByItself)
+    }
+}

@@ -105,8 +105,13 @@ public final class PrivateServices: Sendable {
     }
     /// The port of Redis instance `instance` (from the services' state file).
     public func redisPort(instance: Int) throws -> Int {
+        try statePort(instance == 1 ? "REDIS_PORT" : "REDIS_PORT_\(instance)")
+    }
+    /// The AMQP port of RabbitMQ node `node` (1…3 in a cluster; 1 otherwise).
+    public func amqpPort(node: Int) throws -> Int { try statePort("AMQP_PORT_\(node)") }
+    private func statePort(_ variable: String) throws -> Int {
         let state = try String(contentsOfFile: directory + "/state", encoding: .utf8)
-        let name = instance == 1 ? "REDIS_PORT=" : "REDIS_PORT_\(instance)="
+        let name = variable + "="
         guard let line = state.split(separator: "\n").first(where: { $0.hasPrefix(name) }), let port = Int(line.dropFirst(name.count)) else {
             throw ServiceScriptError(message: "no \(name) in \(directory)/state")
         }

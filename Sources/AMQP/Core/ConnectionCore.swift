@@ -42,6 +42,9 @@ final class ConnectionCore {
     /// The most telling failure of the current round over the addresses (a refused login
     /// says more than another address's refused connection).
     private var roundError: AMQPError?
+    /// When the first connection attempt began: ``AMQPConnection/connect(configuration:topology:patience:logger:)``
+    /// tries set-ups the broker dropped again until its patience from then runs out.
+    private var firstAttempt: ContinuousClock.Instant?
 
     init(owner: AMQPConnection) {
         self.owner = owner
@@ -127,6 +130,7 @@ final class ConnectionCore {
 
     private func attemptConnect(address: Int) {
         let (host, port) = configuration.addresses[address]
+        if firstAttempt == nil { firstAttempt = .now }
         do {
             let w = try Wire(host: host, port: port, configuration: configuration)
             do {
@@ -170,9 +174,12 @@ final class ConnectionCore {
             let roundFailed = machine.connectFailed(now: .now)
             let reported = roundError ?? err
             if roundFailed { roundError = nil }
-            if roundFailed, machine.generation == 0, !connectWaiters.isEmpty, owner.failFirstConnect {
+            if roundFailed, machine.generation == 0, !connectWaiters.isEmpty, let patience = owner.firstConnectPatience,
+                !(reported.mayPassByItself && ContinuousClock.now - (firstAttempt ?? .now) < patience)
+            {
                 // `AMQPConnection.connect` asked for a clear error instead of retrying forever
-                // (after every address was tried once).
+                // (after every address was tried once; a set-up the broker dropped is tried
+                // again within its patience).
                 let waiters = connectWaiters
                 connectWaiters.removeAll()
                 for w in waiters { w.continuation.resume(throwing: reported) }
