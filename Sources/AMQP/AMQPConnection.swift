@@ -57,6 +57,7 @@ public final class AMQPConnection: Sendable {
         self.logger = logger
         self.mailbox = try Mailbox()
         self.firstConnectPatience = firstConnectPatience
+        try topology.validate()
         if !topology.isEmpty {
             // Recorded before the first connection so that it is part of every (re)declaration.
             _ = mailbox.submit { core in core.rememberTopology(topology) }
@@ -127,11 +128,48 @@ public final class AMQPConnection: Sendable {
     /// Declares exchanges, queues and bindings now, and again after every reconnection.
     ///
     /// If the broker drops the connection in the middle of it for a reason of its own (a quorum
-    /// queue whose cluster did not form in time), the declaration is made by the reconnection's
-    /// set-up and this waits for that; a conflicting declaration fails at once, and so does a
-    /// call made while the connection is down (``AMQPError/Code/notConnected``).
-    public func declare(_ topology: AMQPTopology) async throws {
-        try await run { core, c in core.declare(topology, c) }
+    /// queue whose cluster did not form in time: `541 INTERNAL_ERROR`; a node stopping; a broken
+    /// socket or an RPC timeout), this waits for the reconnection and declares again, until
+    /// `patience` runs out; then it throws that error. Only a declaration that succeeded is
+    /// remembered (one that keeps failing must not keep every reconnection failing). A
+    /// conflicting declaration fails at once, and so does a first call made while the connection
+    /// is down (``AMQPError/Code/notConnected``) or what AMQP cannot carry
+    /// (``AMQPError/Code/invalidMessage``). Cancelling the task ends a wait for the reconnection.
+    /// The last try may start just before the patience runs out, so the whole can take up to
+    /// one `rpcTimeout` longer.
+    public func declare(_ topology: AMQPTopology, patience: Duration = .seconds(60)) async throws {
+        try topology.validate()
+        let deadline = ContinuousClock.now + patience
+        var pause = Duration.milliseconds(500)  // between tries, doubling: a broker that drops us at once is not hammered
+        var again = false
+        while true {
+            do {
+                return try await run { core, c in core.declare(topology, c) }
+            } catch let e as AMQPError where e.mayPassByItself || (again && e.code == .notConnected) {
+                again = true  // lost again between the reconnection and this try: wait again
+                guard ContinuousClock.now + pause < deadline else { throw e }
+                try await Task.sleep(for: pause)
+                pause = min(pause * 2, .seconds(8))
+                guard try await waitUntilConnected(before: deadline) else { throw e }
+                logger.info("declaring again after the broker dropped the connection", metadata: ["error": "\(e.message)"])
+            }
+        }
+    }
+
+    /// Waits until the connection is up (true) or `deadline` passes (false).
+    private func waitUntilConnected(before deadline: ContinuousClock.Instant) async throws -> Bool {
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                try await self.waitUntilConnected()
+                return true
+            }
+            group.addTask {
+                try await Task.sleep(until: deadline)
+                return false
+            }
+            defer { group.cancelAll() }
+            return try await group.next() ?? false
+        }
     }
 
     /// Declares on the current connection only, never again after a reconnection: for an
@@ -140,6 +178,7 @@ public final class AMQPConnection: Sendable {
     /// the old connection is gone — and a refused declaration fails the whole reconnection.)
     /// A consumer of such a queue ends after a reconnection (its queue is gone).
     public func declareForThisConnection(_ topology: AMQPTopology) async throws {
+        try topology.validate()
         try await run { core, c in core.declare(topology, remember: false, c) }
     }
 

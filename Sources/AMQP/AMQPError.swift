@@ -64,17 +64,19 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
         }
     }
 
-    /// Whether the broker accepted the connection and then dropped it for a reason that may pass
-    /// by itself, with nothing changed on our side: the socket broke, or the broker closed the
-    /// connection with 320 `CONNECTION_FORCED` (a node stopping), 506 `RESOURCE_ERROR` or
-    /// 541 `INTERNAL_ERROR` — which is how RabbitMQ answers the declaration of a quorum queue
-    /// whose Raft cluster did not form within its timeout (members down, or a machine so busy
-    /// that the election took too long). A refused connection, a refused login and a
-    /// conflicting declaration (a closed channel) are not.
+    /// Whether the broker accepted the connection and then lost it for a reason that may pass
+    /// by itself, with nothing changed on our side: the socket broke or timed out, or the broker
+    /// closed the connection with 320 `CONNECTION_FORCED` (a node stopping) or 541
+    /// `INTERNAL_ERROR` — which is how RabbitMQ answers the declaration of a quorum queue whose
+    /// Raft cluster did not form within its timeout (members down, or a machine so busy that the
+    /// election took too long). Not: a refused connection or login, a conflicting declaration
+    /// (a closed channel), or librabbitmq refusing what we asked it to send (a name over 255
+    /// bytes, a table too big), which would fail the same way again.
     var mayPassByItself: Bool {
         guard code == .connectionLost else { return false }
-        guard let status, status > 0 else { return true }  // a socket error, not a broker's reply code
-        return status == 320 || status == 506 || status == 541
+        guard let status else { return true }  // the connection vanished without a word
+        if status < 0 { return Status.connectionBroke.contains(status) }
+        return status == 320 || status == 541
     }
 
     public var description: String {

@@ -117,10 +117,7 @@ extension AMQPMessage {
     /// refuse it after the method frame and leave the connection unusable).
     /// - Throws: ``AMQPError/Code/invalidMessage`` naming the field (never its value).
     public func validate(exchange: String, routingKey: String) throws {
-        func short(_ value: String?, _ name: String) throws {
-            guard let value, value.utf8.count > Self.maxShortString else { return }
-            throw AMQPError(.invalidMessage, "\(name) is \(value.utf8.count) bytes; AMQP allows at most \(Self.maxShortString)")
-        }
+        let short = Self.validateShortString
         try short(exchange, "exchange name")
         try short(routingKey, "routing key")
         let p = properties
@@ -136,7 +133,14 @@ extension AMQPMessage {
         try Self.validate(p.headers, path: "header")
     }
 
-    private static func validate(_ table: AMQPTable, path: String) throws {
+    /// Refuses a value AMQP's short strings cannot carry (over 255 bytes).
+    static func validateShortString(_ value: String?, _ name: String) throws {
+        guard let value, value.utf8.count > maxShortString else { return }
+        throw AMQPError(.invalidMessage, "\(name) is \(value.utf8.count) bytes; AMQP allows at most \(maxShortString)")
+    }
+
+    /// Refuses a table whose keys (at any depth) AMQP cannot carry.
+    static func validate(_ table: AMQPTable, path: String) throws {
         for (key, value) in table {
             guard key.utf8.count <= maxShortString else {
                 throw AMQPError(.invalidMessage, "a \(path) name is \(key.utf8.count) bytes; AMQP allows at most \(maxShortString)")

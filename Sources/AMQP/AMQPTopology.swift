@@ -23,6 +23,28 @@ public struct AMQPTopology: Sendable, Hashable {
 
     public var isEmpty: Bool { exchanges.isEmpty && queues.isEmpty && bindings.isEmpty }
 
+    /// Refuses, with ``AMQPError/Code/invalidMessage``, what AMQP cannot carry — a name, type,
+    /// routing key or argument name over 255 bytes — before anything is written: librabbitmq
+    /// would refuse to encode it, and the connection would be lost with it.
+    public func validate() throws {
+        let short = AMQPMessage.validateShortString
+        for e in exchanges {
+            try short(e.name, "exchange name")
+            try short(e.type, "exchange type")
+            try AMQPMessage.validate(e.arguments, path: "exchange argument")
+        }
+        for q in queues {
+            try short(q.name, "queue name")
+            try AMQPMessage.validate(q.arguments, path: "queue argument")
+        }
+        for b in bindings {
+            try short(b.queue, "queue name")
+            try short(b.exchange, "exchange name")
+            try short(b.routingKey, "binding key")
+            try AMQPMessage.validate(b.arguments, path: "binding argument")
+        }
+    }
+
     /// An exchange declaration.
     public struct Exchange: Sendable, Hashable {
         public var name: String

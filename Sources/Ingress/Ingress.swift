@@ -64,9 +64,6 @@ public struct IngressHandler: Sendable {
         }
     }
 
-    /// The AppIDs served now, sorted.
-    public var appIDs: [String] { accounts.withLock { $0.keys.sorted() } }
-
     /// Replaces the accounts (a reload of `WECHAT_ACCOUNTS_FILE`): a request already being
     /// handled finishes with the account it started with; an account removed answers 404 from now on.
     public func reload(_ configuration: AccountsConfiguration) throws {

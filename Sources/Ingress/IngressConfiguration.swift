@@ -23,13 +23,9 @@ public struct IngressConfiguration: Sendable {
     /// How long a connection may stay idle (or send nothing of a request) before it is closed (`HTTP_IDLE_TIMEOUT`).
     public var idleTimeout: Duration
     /// How long a push waits, after the confirm, for a passive reply decided by a worker
-    /// (`INGRESS_REPLY_WAIT`); zero answers `success` at once.
+    /// (`INGRESS_REPLY_WAIT`, the default of the accounts that set no `reply_wait`); zero answers
+    /// `success` at once.
     public var replyWait: Duration
-    /// How long after a push's arrival offers are taken: `INGRESS_REPLY_WAIT`, but at most 4.5 s,
-    /// since WeChat drops an answer later than its 5 s (counted from before the push arrives).
-    /// A longer wait (passive-only) holds the request without taking offers, so that WeChat gives
-    /// up on it and pushes again, and the retry's ingress waits for the reply.
-    public var offerWindow: Duration { min(replyWait, Self.latestUsefulAnswer) }
     /// WeChat's 5 s, less a margin for the network and its own clock.
     public static let latestUsefulAnswer: Duration = .milliseconds(4_500)
 
@@ -99,7 +95,10 @@ public struct IngressAccount: Sendable {
     /// How long a push waits for a passive reply: the account's `reply_wait`; else none when its
     /// `reply_mode` is `customer-service` (its workers never offer one); else `INGRESS_REPLY_WAIT`.
     public var replyWait: Duration
-    /// How long after a push's arrival offers are taken (at most 4.5 s, see ``IngressConfiguration/offerWindow``).
+    /// How long after a push's arrival offers are taken: ``replyWait``, but at most 4.5 s, since
+    /// WeChat drops an answer later than its 5 s (counted from before the push arrives). A longer
+    /// wait (passive-only) holds the request without taking offers, so that WeChat gives up on it
+    /// and pushes again, and the retry's ingress waits for the reply.
     public var offerWindow: Duration { min(replyWait, IngressConfiguration.latestUsefulAnswer) }
 
     /// - Throws: ``ConfigurationError`` naming the variable or the accounts file's entry.

@@ -339,9 +339,13 @@ public struct AccountsReloader: Service {
     }
 }
 
-/// A value behind a lock, shareable by reference (for the structs that hold reloadable state).
+/// A value behind a lock, shareable by reference (for the structs that hold reloadable state,
+/// and values tasks share).
 public final class LockedValue<Value: Sendable>: Sendable {
     private let mutex: Mutex<Value>
     public init(_ value: Value) { mutex = Mutex(value) }
     public func withLock<R: Sendable>(_ body: (inout sending Value) -> sending R) -> R { mutex.withLock(body) }
+    /// The value now (a copy).
+    public func get() -> Value { mutex.withLock { $0 } }
+    public func set(_ new: Value) { mutex.withLock { $0 = new } }
 }

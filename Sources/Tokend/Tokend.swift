@@ -20,8 +20,6 @@ public struct TokendConfiguration: Sendable {
     public var accounts: [TokendAccountSettings]
     /// `WECHAT_ACCOUNTS_FILE`, watched for changes (and re-read on SIGHUP).
     public var accountsFile: String?
-    /// The first account's AppID (the single-account case).
-    public var appID: String { accounts[0].appID }
     public var apiURL: String
     public var redis: RedisConfiguration
     public var bearer: String
@@ -32,8 +30,6 @@ public struct TokendConfiguration: Sendable {
     public var margin: Duration
     /// `WECHAT_QUEUE_PREFIX`: every Redis key under it, like the worker's, so deployments can share a Redis.
     public var prefix: String
-    /// The first account's keys.
-    public var keys: TokenKeys { TokenKeys(appID: appID, prefix: prefix) }
 
     public init(_ env: RelayEnvironment) throws {
         let loaded = try AccountsConfiguration.load(env)

@@ -182,10 +182,3 @@ final class Flag: Sendable {
     func clear() { value.store(false, ordering: .releasing) }
 }
 
-/// A value shared between tasks behind a lock.
-final class Shared<Value: Sendable>: Sendable {
-    private let value: Mutex<Value>
-    init(_ initial: Value) { value = Mutex(initial) }
-    func get() -> Value { value.withLock { $0 } }
-    func set(_ new: Value) { value.withLock { $0 = new } }
-}

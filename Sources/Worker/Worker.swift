@@ -328,7 +328,9 @@ public final class Worker: Sendable {
     /// The heartbeat runs in a task of its own, so a slow handover (a send in flight
     /// on a shard being released) never makes this worker look dead to the others.
     public func run() async throws {
-        try await amqp.declare(retry.topology)
+        // Waits (up to a minute) through a broker that drops the connection while declaring; a
+        // graceful shutdown ends the wait.
+        try await cancelWhenGracefulShutdown { try await self.amqp.declare(self.retry.topology) }
         // The verdict queue of the passive-reply handshake lives as long as this run.
         let verdicts = offers.map { offers in Task { await offers.consumeVerdicts() } }
         defer { verdicts?.cancel() }
@@ -336,7 +338,7 @@ public final class Worker: Sendable {
         var configured = Membership(redis: store.redis, key: store.keys.workers, id: id)
         (configured.interval, configured.ttl) = membershipTiming
         let membership = configured
-        let view = Shared<[String]?>(nil)
+        let view = LockedValue<[String]?>(nil)
         let interval = membership.interval
         consuming.store(1, ordering: .relaxed)
         defer { consuming.store(0, ordering: .relaxed) }
@@ -355,7 +357,7 @@ public final class Worker: Sendable {
         }
     }
 
-    private func assign(membership: Membership, view: Shared<[String]?>, interval: Duration, limiter: Limiter) async {
+    private func assign(membership: Membership, view: LockedValue<[String]?>, interval: Duration, limiter: Limiter) async {
         var runners: [Int: ShardRunner] = [:]
         // Every shard's runner is a task of this group; the heartbeat is a group of its own,
         // stopped first on shutdown (a ZADD in flight could re-add us after the ZREM).

@@ -131,6 +131,10 @@ public struct WorkerService: Service {
                 try await cancelWhenGracefulShutdown { try await worker.amqp.waitUntilConnected() }
                 try await worker.run()
             } catch {
+                if Task.isShuttingDownGracefully {
+                    if !(error is CancellationError) { worker.logger.debug("the worker stopped during shutdown", metadata: ["error": "\(error)"]) }
+                    return
+                }
                 // For example the broker refusing a declaration (a queue declared before with
                 // other arguments): said, not retried in silence.
                 worker.logger.error("the worker stopped consuming; starting again in 1 s", metadata: ["error": "\(error)"])

@@ -272,6 +272,31 @@ struct AMQPIntegrationTests {
         await cleanUp(amqp, name)
     }
 
+    /// A name AMQP cannot carry (over 255 bytes) is refused before anything is written:
+    /// librabbitmq refused to encode it, which lost the connection (and, once declarations the
+    /// broker drops were tried again, would have been tried again for a minute).
+    @Test func aDeclarationAMQPCannotCarryFailsAtOnceAndTheConnectionStays() async throws {
+        let name = TestServices.unique("longname")
+        let amqp = try await connectToTestBroker(topology: testTopology(name))
+        let generation = amqp.generation
+        let long = String(repeating: "q", count: 256)
+        await #expect {
+            try await amqp.declare(AMQPTopology(queues: [.init(long)]))
+        } throws: { ($0 as? AMQPError)?.code == .invalidMessage }
+        await #expect {
+            try await amqp.declare(AMQPTopology(bindings: [.init(queue: "\(name).q", exchange: "\(name).x", routingKey: long)]))
+        } throws: { ($0 as? AMQPError)?.code == .invalidMessage }
+        await #expect {
+            _ = try await AMQPConnection.connect(
+                configuration: try AMQPConfiguration(url: TestServices.amqpURL()), topology: AMQPTopology(exchanges: [.init(long)]),
+                logger: testLogger)
+        } throws: { ($0 as? AMQPError)?.code == .invalidMessage }
+        #expect(amqp.generation == generation)
+        try await amqp.publish(AMQPMessage("still fine"), exchange: "\(name).x", routingKey: "k")
+        await cleanUp(amqp, name)
+        await amqp.close()
+    }
+
     @Test func quorumQueueDeclaresAndWorks() async throws {
         let name = TestServices.unique("quorum")
         let topology = AMQPTopology(

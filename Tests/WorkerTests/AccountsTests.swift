@@ -358,6 +358,49 @@ struct ManyAccountsTests {
         }
     }
 
+    /// A worker process killed while messages wait for their account's send slots: they hold no
+    /// claim then (the slot is reserved before the claim), so the broker gives them to the next
+    /// worker, which reserves new slots and sends each once — one user's three messages in their
+    /// order (docs/worker.md, "The send-rate limit").
+    @Test func aWorkerKilledWhileSendsWaitForTheirSlotsLosesAndRepeatsNothing() async throws {
+        try await AccountsStack.run(accounts: [0], extra: [0: ["send_rate: 1", "send_burst: 1"]]) { s in
+            let a = AccountsStack.accounts[0]
+            let users = (0..<5).map { "oSlot\($0)" }
+            for u in users { #expect(try await s.push(a, "帮助", from: u) == 200) }
+            for text in ["帮助", "菜单", "1"] { #expect(try await s.push(a, text, from: "oSlotOrder") == 200) }
+            // One send a second: when the first reply is out and recorded (not between a send
+            // and its finished mark, which would make that one send uncertain), the others wait
+            // for their slots.
+            _ = try await s.replies(a, to: users[0], count: 1)
+            let stack = s
+            try await eventually("the sends so far are recorded") {
+                try await stack.metric("wechat_worker_account_replies_total{appid=\"\(a.appID)\"}") == Double(try await stack.sent(a).count)
+            }
+            let worker = s.children.removeLast()  // the last started: the worker
+            worker.kill()
+            let sentBefore = try await s.sent(a).count
+            #expect(sentBefore < users.count + 3, "the kill came while sends were still waiting for their slots")
+
+            let port = try freePort()
+            s.workerPorts = [port]
+            try s.start("wechat-worker", extra: ["METRICS_PORT": "\(port)"])
+            for u in users { #expect(try await s.replies(a, to: u, count: 1, within: 90) == [help]) }
+            #expect(
+                try await s.replies(a, to: "oSlotOrder", count: 3, within: 90) == [help, "功能列表\n1 我的消息数\n2 退出菜单", "您已发送3条消息"])
+            // The waiting messages held no claim: none is found "uncertain" (a claim held through
+            // the wait would make every one of them so). Only a kill that fell between a send and
+            // its mark — the next slot was a second away — could leave one, sent again (`resend`).
+            let uncertain = try await s.metric(#"wechat_worker_messages_total{outcome="uncertain"}"#)
+            #expect(uncertain <= 1)
+            #expect(try await s.sent(a).count == users.count + 3 + Int(uncertain))
+            // Each message counted once against the day's quota, whichever worker sent it.
+            let restarted = s
+            try await eventually("the quota counts each message once") {
+                try await restarted.metric("wechat_worker_quota_used{appid=\"\(a.appID)\"}") == Double(users.count + 3)
+            }
+        }
+    }
+
     /// Reloading: an account added to the file is served without a restart (ingress, tokend,
     /// workers); an account removed answers 404 from then on, and the messages already accepted
     /// for it are still answered (nothing in flight is lost).

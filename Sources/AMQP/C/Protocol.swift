@@ -20,6 +20,14 @@ enum Method {
 enum Status {
     static let ok = AMQP_STATUS_OK.rawValue
     static let timeout = AMQP_STATUS_TIMEOUT.rawValue
+    /// librabbitmq's statuses for a connection that broke (the socket, the peer, a timeout), as
+    /// opposed to those about what we asked it to send (bad data, a table too big, an invalid
+    /// parameter), which would fail again.
+    static let connectionBroke: Set<Int32> = Set(
+        [
+            AMQP_STATUS_CONNECTION_CLOSED, AMQP_STATUS_SOCKET_ERROR, AMQP_STATUS_TIMEOUT, AMQP_STATUS_HEARTBEAT_TIMEOUT,
+            AMQP_STATUS_SOCKET_CLOSED, AMQP_STATUS_TCP_ERROR,
+        ].map(\.rawValue))
 
     static func describe(_ code: Int32) -> String {
         guard let s = amqp_error_string2(code) else { return "librabbitmq status \(code)" }

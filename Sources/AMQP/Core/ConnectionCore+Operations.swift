@@ -78,12 +78,6 @@ extension ConnectionCore {
             try onWire { try declare(t, on: $0) }
             if remember { rememberTopology(t) }
             done.resume()
-        } catch let e as AMQPError where remember && wire == nil && e.mayPassByItself {
-            // The broker dropped the connection in the middle (for example a quorum queue whose
-            // cluster could not form in time). Remembered, the declaration is made by the
-            // reconnection's set-up, which the caller waits for instead of failing.
-            rememberTopology(t)
-            waitConnected(done)
         } catch {
             done.resume(throwing: error)
         }

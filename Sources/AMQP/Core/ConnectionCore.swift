@@ -45,6 +45,11 @@ final class ConnectionCore {
     /// When the first connection attempt began: ``AMQPConnection/connect(configuration:topology:patience:logger:)``
     /// tries set-ups the broker dropped again until its patience from then runs out.
     private var firstAttempt: ContinuousClock.Instant?
+    /// In the current round: a failure that may pass by itself (``AMQPError/mayPassByItself``),
+    /// and one that needs a change (a refused login, a conflicting declaration). `connect` tries a
+    /// round again only with the first and without the second, whatever the addresses' order.
+    private var roundMayPass: AMQPError?
+    private var roundNeedsChange = false
 
     init(owner: AMQPConnection) {
         self.owner = owner
@@ -149,6 +154,7 @@ final class ConnectionCore {
             mailbox.setConnected(true, generation: generation)
             lastConnectError = nil
             roundError = nil
+            (roundMayPass, roundNeedsChange) = (nil, false)
             logger.info(
                 "AMQP connected",
                 metadata: ["amqp.url": "\(configuration.redactedURL(address: address))", "amqp.generation": "\(generation)"])
@@ -171,11 +177,15 @@ final class ConnectionCore {
             if roundError == nil || (err.code == .authenticationFailed && roundError?.code != .authenticationFailed) {
                 roundError = err
             }
+            if err.mayPassByItself { roundMayPass = err }
+            if err.code == .authenticationFailed || err.code == .channelClosed { roundNeedsChange = true }
             let roundFailed = machine.connectFailed(now: .now)
-            let reported = roundError ?? err
-            if roundFailed { roundError = nil }
+            let mayPass = roundMayPass != nil && !roundNeedsChange
+            // Given up after retrying: the failure that kept it retrying says most.
+            let reported = (mayPass ? roundMayPass : nil) ?? roundError ?? err
+            if roundFailed { (roundError, roundMayPass, roundNeedsChange) = (nil, nil, false) }
             if roundFailed, machine.generation == 0, !connectWaiters.isEmpty, let patience = owner.firstConnectPatience,
-                !(reported.mayPassByItself && ContinuousClock.now - (firstAttempt ?? .now) < patience)
+                !(mayPass && ContinuousClock.now - (firstAttempt ?? .now) < patience)
             {
                 // `AMQPConnection.connect` asked for a clear error instead of retrying forever
                 // (after every address was tried once; a set-up the broker dropped is tried
