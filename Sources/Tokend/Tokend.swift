@@ -51,6 +51,7 @@ public struct TokendConfiguration: Sendable {
         endpoint = e
         margin = .seconds(try env.int("TOKEND_REFRESH_MARGIN", default: 600, range: 1...7000))
         prefix = env.string("WECHAT_QUEUE_PREFIX") ?? "wechat"
+        if let problem = WorkerKeys.prefixProblem(prefix) { throw ConfigurationError(variable: "WECHAT_QUEUE_PREFIX", reason: problem) }
     }
 
     /// Every account needs its AppSecret.

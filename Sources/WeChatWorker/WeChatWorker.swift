@@ -25,7 +25,7 @@ struct WeChatWorkerCommand: AsyncParsableCommand {
             WORKER_SEND_RATE (sends a second per account, 0 = no limit), WORKER_SEND_BURST, WORKER_DAILY_QUOTA (500000),
             METRICS_PORT (9100), WORKER_SESSION_TTL (seconds, 30 days), LOG_LEVEL. See docs/CONTRACT.md and docs/worker.md.
             """,
-        subcommands: [Run.self, DeadLetters.self],
+        subcommands: [Run.self, DeadLetters.self, MigrateKeys.self],
         defaultSubcommand: Run.self
     )
 }
@@ -97,6 +97,25 @@ struct DeadLetters: AsyncParsableCommand {
                 print("\(n) dead letter(s) replayed")
                 await tool.amqp.close()
             }
+        }
+    }
+}
+
+struct MigrateKeys: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate-keys",
+        abstract: "Move sessions to the per-user key layout (once, after the old workers stopped; docs/operations.md).")
+
+    func run() async throws {
+        try await exitOnConfigurationError("wechat-worker") {
+            let env = try await RelayEnvironment.load()
+            let configuration = try WorkerConfiguration(env)
+            var logger = Logger(label: "wechat-worker")
+            logger.logLevel = .warning
+            let redis = RedisPool(configuration: configuration.redis, size: 1, logger: logger)
+            defer { redis.close() }
+            let report = try await KeyLayoutMigration(redis: redis, prefix: configuration.topology.prefix).run()
+            print(report)
         }
     }
 }

@@ -72,7 +72,7 @@ public struct SessionStore: Sendable {
     }
 
     func sessionKey(_ openID: String) -> String { keys.session(openID) }
-    func recordKey(_ m: InboundMessage) -> String { keys.record(m.dedupID) }
+    func recordKey(_ m: InboundMessage) -> String { keys.record(m.fromUserName, m.dedupID) }
 
     /// The outcome of observing a message.
     public struct Observation: Sendable {
@@ -95,25 +95,49 @@ public struct SessionStore: Sendable {
         public var fenced: Bool = false
     }
 
-    /// A shard's fencing token as this worker holds it (``WorkerKeys/fence(_:)``).
+    /// A fencing token as this worker holds it for a shard (``WorkerKeys/fenceCounter``).
     public struct Fence: Sendable, Equatable {
-        public let key: String
         public let token: Int64
+        public init(token: Int64) { self.token = token }
     }
 
-    private static let observeScript = RedisScript(
-        """
-        local rec, s, q = KEYS[1], KEYS[2], KEYS[3]
-        if ARGV[10] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[10] then return {3, '', '', ''} end
-        if ARGV[9] ~= '' then
-          local owner = redis.call('GET', q)
-          if owner and owner ~= ARGV[8] then return {2, '', '', ''} end
-          if not owner then redis.call('SET', q, ARGV[8], 'EX', ARGV[9]) end
+    /// The fence check of every script that acts on a user (docs/worker.md, "The fence"): a token
+    /// below the user's copy (`fence` in the session) is stale; a higher one raises the copy, so
+    /// every older holder is stale for this user from now on. Evaluates to true when fenced.
+    private static let fenceLua = """
+        local function fenced(s, token, ttl)
+          if token == '' then return false end
+          local held = tonumber(redis.call('HGET', s, 'fence') or '0') or 0
+          local t = tonumber(token)
+          if held > t then return true end
+          if held < t then
+            redis.call('HSET', s, 'fence', token)
+            if redis.call('TTL', s) < 0 then redis.call('EXPIRE', s, ttl) end
+          end
+          return false
         end
+        """
+
+    /// The signed-query check: the first message to use a signed query owns it (for
+    /// ``finishedTTL``); 1 when it is this message's, 0 when another message used it (a replay).
+    /// A script of its own: the key is per signed URL, not the user's (Redis Cluster slots).
+    private static let signedQueryScript = RedisScript(
+        """
+        local owner = redis.call('GET', KEYS[1])
+        if owner then return owner == ARGV[1] and 1 or 0 end
+        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+        return 1
+        """)
+
+    private static let observeScript = RedisScript(
+        fenceLua + """
+
+        local rec, s = KEYS[1], KEYS[2]
+        if fenced(s, ARGV[9], ARGV[5]) then return {3, '', '', ''} end
         local replied = redis.call('HGET', rec, 'replied')
         if replied then
           if replied ~= 'p' then return {0, '', '', replied} end
-          return {0, '', redis.call('GET', KEYS[5]) or '', replied, redis.call('HGET', s, 'last_done') or ''}
+          return {0, '', redis.call('GET', KEYS[3]) or '', replied, redis.call('HGET', s, 'last_done') or ''}
         end
         local snap = redis.call('HGET', rec, 'snapshot')
         if snap then
@@ -166,13 +190,12 @@ public struct SessionStore: Sendable {
     // without covering the first one.
     private static let markRepliedScript = RedisScript(
         """
-        local today = 0
+        local counted = 0
         if redis.call('HSETNX', KEYS[1], 'replied', ARGV[3]) == 1 then
           if ARGV[1] == '1' then
             redis.call('HINCRBY', KEYS[2], 'cs_sent', 1)
-            -- The account's sends today (its daily quota), counted once per message with its mark.
-            today = redis.call('INCR', KEYS[4])
-            if today == 1 then redis.call('EXPIRE', KEYS[4], 172800) end
+            -- Marked now: the caller counts it in the account's sends today (another slot).
+            counted = 1
           end
           -- The user's last finished message (a passive reply is offered again to a retry only
           -- while no later message of the user has finished: order).
@@ -186,6 +209,14 @@ public struct SessionStore: Sendable {
           redis.call('HDEL', KEYS[1], 'snapshot', 'decision', 'claim', 'claim_until')
         end
         redis.call('EXPIRE', KEYS[1], ARGV[2])
+        return counted
+        """)
+
+    /// The account's customer-service sends today (its daily quota): one key per account and day.
+    private static let quotaScript = RedisScript(
+        """
+        local today = redis.call('INCR', KEYS[1])
+        if today == 1 then redis.call('EXPIRE', KEYS[1], 172800) end
         return today
         """)
 
@@ -202,19 +233,26 @@ public struct SessionStore: Sendable {
             window = "event"
         }
         let subscription = m.event == "unsubscribe" ? "unsubscribe" : (m.event == "subscribe" ? "subscribe" : "")
-        let queryDigest = signedQuery.map { WeChatSignature.compute([$0]) } ?? ""
+        if let signedQuery {
+            // Its own round trip, before the observe: the key is per signed URL, not the user's.
+            // A query taken by a message whose observe then was fenced or failed is harmless: the
+            // owner is the message (its redelivery finds it its own), not the worker.
+            let owner = try await redis.eval(
+                Self.signedQueryScript, keys: [keys.signedQuery(WeChatSignature.compute([signedQuery]))],
+                arguments: [.init(m.dedupID), .init(finishedTTL)])
+            if owner.int == 0 {
+                return Observation(isNew: false, snapshot: SessionSnapshot(values: [:]), decision: nil, replied: false, replayedQuery: true)
+            }
+        }
         let reply = try await redis.eval(
             Self.observeScript,
-            keys: [recordKey(m), sessionKey(m.fromUserName), keys.signedQuery(queryDigest), fence?.key ?? recordKey(m), keys.passiveDecision(m.dedupID)],
+            keys: [recordKey(m), sessionKey(m.fromUserName), keys.passiveDecision(m.fromUserName, m.dedupID)],
             arguments: [
                 .init(now), isMessage ? "1" : "0", .init(window), .init(subscription), .init(sessionTTL), .init(recordTTL),
-                .init(m.createTime), .init(m.dedupID), signedQuery == nil ? "" : .init(finishedTTL), fence.map { .init($0.token) } ?? "",
+                .init(m.createTime), .init(m.dedupID), fence.map { .init($0.token) } ?? "",
             ])
         guard let parts = reply.array, parts.count >= 4, let snapText = parts[1].text else {
             throw RedisError(.protocolError, "unexpected answer from the observe script")
-        }
-        if parts[0].int == 2 {
-            return Observation(isNew: false, snapshot: SessionSnapshot(values: [:]), decision: nil, replied: false, replayedQuery: true)
         }
         if parts[0].int == 3 {
             return Observation(isNew: false, snapshot: SessionSnapshot(values: [:]), decision: nil, replied: false, fenced: true)
@@ -226,6 +264,7 @@ public struct SessionStore: Sendable {
             values[flat[i]] = flat[i + 1]
             i += 2
         }
+        values["fence"] = nil  // the fencing copy, not the user's
         let decisionText = parts[2].text ?? ""
         let decision = decisionText.isEmpty
             ? nil : try? JSONDecoder().decode(ReplyRules.Decision.self, from: Data(decisionText.utf8))
@@ -252,9 +291,9 @@ public struct SessionStore: Sendable {
 
     /// The claim (see ``claim(_:worker:fence:lease:)``): evaluates to {kind, milliseconds}.
     private static let claimLua = """
-        local function claim(rec, fence, worker, token, leaseMs, ttl)
+        local function claim(rec, s, worker, token, leaseMs, ttl, sessionTTL)
           if redis.call('HGET', rec, 'replied') then return {'finished', 0} end
-          if redis.call('GET', fence) ~= token then return {'fenced', 0} end
+          if fenced(s, token, sessionTTL) then return {'fenced', 0} end
           local t = redis.call('TIME')
           local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
           local owner = redis.call('HGET', rec, 'claim')
@@ -267,15 +306,15 @@ public struct SessionStore: Sendable {
         end
         """
 
-    private static let claimScript = RedisScript(claimLua + "\nreturn claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])")
+    private static let claimScript = RedisScript(fenceLua + "\n" + claimLua + "\nreturn claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])")
 
     /// The commit and the claim in one round trip (a new decision that is about to be sent):
     /// {kind, milliseconds, stored decision}.
     private static let commitAndClaimScript = RedisScript(
-        commitLua + "\n" + claimLua + """
+        commitLua + "\n" + fenceLua + "\n" + claimLua + """
 
             local stored = commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-            local c = claim(KEYS[1], KEYS[3], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+            local c = claim(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
             return {c[1], c[2], stored}
             """)
 
@@ -292,8 +331,8 @@ public struct SessionStore: Sendable {
     /// - Parameter lease: how long the claim holds others off: longer than one send can take.
     public func claim(_ m: InboundMessage, worker: String, fence: Fence, lease: Duration) async throws -> Claim {
         let (reply, shortfall) = try await replicatedEvalReporting(
-            Self.claimScript, keys: [recordKey(m), fence.key],
-            arguments: [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
+            Self.claimScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
+            arguments: [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL), .init(sessionTTL)])
         let claim = try Self.claimAnswer(reply.array ?? [])
         try await giveBackUnreplicated(claim, shortfall, m, worker: worker)
         return claim
@@ -317,8 +356,8 @@ public struct SessionStore: Sendable {
     ) async throws -> (ReplyRules.Decision, Claim) {
         let (json, args) = try Self.commitArguments(decision)
         let (reply, shortfall) = try await replicatedEvalReporting(
-            Self.commitAndClaimScript, keys: [recordKey(m), sessionKey(m.fromUserName), fence.key],
-            arguments: args + [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL)])
+            Self.commitAndClaimScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
+            arguments: args + [.init(worker), .init(fence.token), .init(lease.wholeNanoseconds / 1_000_000), .init(recordTTL), .init(sessionTTL)])
         let parts = reply.array ?? []
         let claim = try Self.claimAnswer(parts)
         try await giveBackUnreplicated(claim, shortfall, m, worker: worker)
@@ -371,14 +410,17 @@ public struct SessionStore: Sendable {
         _ = try await redis.eval(Self.releaseScript, keys: [recordKey(m)], arguments: [.init(worker)])
     }
 
-    /// Raises the shard's fencing token and returns it: called by a worker when it becomes
-    /// the shard's active consumer (its first delivery), which makes every older holder stale.
+    /// Takes the deployment's next fencing token (``WorkerKeys/fenceCounter``): called by a worker
+    /// when it becomes a shard's active consumer (its first delivery). Every older holder of the
+    /// shard is stale for each user the moment this token first acts on that user (the scripts
+    /// raise the user's copy); before that, the older holder's work on the user is ordered
+    /// before ours, as if it had finished before the hand-over (docs/worker.md, "The fence").
     public func takeFence(shard: Int) async throws -> Fence {
-        let key = keys.fence(shard)
+        let key = keys.fenceCounter
         guard let token = try await redis.send(["INCR", .init(key)]).int else {
             throw RedisError(.protocolError, "unexpected answer to INCR \(key)")
         }
-        return Fence(key: key, token: Int64(token))
+        return Fence(token: Int64(token))
     }
 
     /// Stores the decision (first writer wins) and applies its state change; returns the stored decision.
@@ -391,14 +433,20 @@ public struct SessionStore: Sendable {
     /// Marks the message finished; `sent` counts a customer-service message against the window's
     /// quota; `passive` records a passive reply (its decision is kept for WeChat's retries).
     /// - Returns: for a customer-service send marked now, the account's sends today (the quota
-    ///   count, `<prefix>:<appid>:quota:<day>`, raised in the same script: once per message); else 0.
+    ///   count, `<prefix>:<appid>:quota:<day>`, raised right after the mark, only by the call that
+    ///   marked: once per message); else 0. The count is a key of the account's, in another Redis
+    ///   Cluster slot than the user's, so it is a second script: a worker that dies between the two,
+    ///   or a Redis error on the count, leaves that send uncounted (0 is returned; the mark stands).
+    ///   The count drives our alert; WeChat's 45009 stays the authority on the quota.
     @discardableResult
     public func markReplied(_ m: InboundMessage, sent: Bool, passive: Bool = false) async throws -> Int64 {
-        try await replicatedEval(
+        let marked = try await replicatedEval(
             Self.markRepliedScript,
-            keys: [recordKey(m), sessionKey(m.fromUserName), keys.passiveDecision(m.dedupID), keys.quota(day: QuotaDay.today())],
-            arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)]
-        ).int ?? 0
+            keys: [recordKey(m), sessionKey(m.fromUserName), keys.passiveDecision(m.fromUserName, m.dedupID)],
+            arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)])
+        guard marked.int == 1 else { return 0 }
+        let today = try? await redis.eval(Self.quotaScript, keys: [keys.quota(day: QuotaDay.today())], arguments: [])
+        return Int64(today?.int ?? 0)
     }
 
     /// Runs a script whose loss in a failover could send a reply twice (a claim, before the
@@ -440,6 +488,8 @@ public struct SessionStore: Sendable {
 
     /// The current session (for this repository's tests).
     package func session(_ openID: String) async throws -> SessionSnapshot {
-        SessionSnapshot(values: try await redis.hgetall(sessionKey(openID)))
+        var values = try await redis.hgetall(sessionKey(openID))
+        values["fence"] = nil
+        return SessionSnapshot(values: values)
     }
 }

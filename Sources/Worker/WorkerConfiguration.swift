@@ -94,7 +94,9 @@ public struct WorkerConfiguration: Sendable {
         sendBurst = try env.string("WORKER_SEND_BURST").map { _ in try env.int("WORKER_SEND_BURST", default: 1, range: 1...100_000) }
         dailyQuota = try env.int("WORKER_DAILY_QUOTA", default: 500_000, range: 1...1_000_000_000)
         // Not in the contract: lets several deployments (or tests) share one broker and Redis.
-        topology = WeChatTopology(prefix: env.string("WECHAT_QUEUE_PREFIX") ?? "wechat")
+        let prefix = env.string("WECHAT_QUEUE_PREFIX") ?? "wechat"
+        if let problem = WorkerKeys.prefixProblem(prefix) { throw ConfigurationError(variable: "WECHAT_QUEUE_PREFIX", reason: problem) }
+        topology = WeChatTopology(prefix: prefix)
         accounts = []
         accounts = try loaded.accounts.map(settings(for:))
     }

@@ -313,26 +313,39 @@ public func withLoopbackAddress<T>(
 /// started in milliseconds (unlike ``PrivateServices``, which also boots a RabbitMQ node).
 public final class PrivateRedis: Sendable {
     public let port: Int
+    /// A one-node Redis Cluster (every slot on this node): it refuses what a real cluster refuses
+    /// (`CROSSSLOT`: a command's or a script's keys in more than one slot) without redirections.
+    public let cluster: Bool
     public var url: String { "redis://127.0.0.1:\(port)/0" }
     private let process = Locked<ChildProcess?>(nil)
 
-    public init() async throws {
+    public init(cluster: Bool = false) async throws {
         port = try freePort()
+        self.cluster = cluster
         try await start()
     }
 
     /// Starts it (again) on the same port.
     public func start() async throws {
+        let directory = FileManager.default.temporaryDirectory.path
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("redis-\(port).log").path
-        let child = try ChildProcess(
-            "/usr/bin/redis-server",
-            arguments: ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", FileManager.default.temporaryDirectory.path],
-            environment: [:], logPath: log)
+        let nodes = FileManager.default.temporaryDirectory.appendingPathComponent("redis-nodes-\(port).conf").path
+        var arguments = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory]
+        if cluster {
+            try? FileManager.default.removeItem(atPath: nodes)
+            arguments += ["--cluster-enabled", "yes", "--cluster-config-file", nodes]
+        }
+        let child = try ChildProcess("/usr/bin/redis-server", arguments: arguments, environment: [:], logPath: log)
         process.withLock { $0 = child }
         let deadline = ContinuousClock.now + .seconds(20)
         while !canConnect(port: port) {
             guard ContinuousClock.now < deadline else { throw ServiceScriptError(message: "redis-server did not start on \(port)") }
             try await Task.sleep(for: .milliseconds(20))
+        }
+        guard cluster else { return }
+        _ = try await runCommand("/usr/bin/redis-cli", ["-p", String(port), "CLUSTER", "ADDSLOTSRANGE", "0", "16383"])
+        try await eventually("the one-node cluster is up") {
+            try await runCommand("/usr/bin/redis-cli", ["-p", String(self.port), "CLUSTER", "INFO"]).contains("cluster_state:ok")
         }
     }
 

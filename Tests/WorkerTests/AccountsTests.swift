@@ -43,6 +43,8 @@ struct AccountsStack {
     let ingressPort: Int
     let client: HTTPClient
     var workerPorts: [Int] = []
+    /// Every process's `REDIS_URL` (default: the shared test Redis).
+    var redisURL: String? = nil
     var children: [ChildProcess] = []
     var logs: [String] = []
 
@@ -82,7 +84,7 @@ struct AccountsStack {
         get throws {
             [
                 "WECHAT_ACCOUNTS_FILE": file, "ACC_SECRET_A": "secretA", "ACC_TOKEN_B": "tokenB",
-                "AMQP_URL": try TestServices.amqpURL(), "REDIS_URL": try TestServices.redisURL(), "WECHAT_QUEUE_PREFIX": prefix,
+                "AMQP_URL": try TestServices.amqpURL(), "REDIS_URL": try redisURL ?? TestServices.redisURL(), "WECHAT_QUEUE_PREFIX": prefix,
                 "WECHAT_API_URL": simURL, "TOKEND_URL": tokendURL, "TOKEND_SECRET": "bearer", "HTTP_HOST": "127.0.0.1",
                 "LOG_LEVEL": TestServices.environment["WR_TEST_LOG"] ?? "warning", "INGRESS_TIMESTAMP_WINDOW": "0",
             ]
@@ -99,7 +101,7 @@ struct AccountsStack {
     /// Starts the simulator, tokend, the ingress and `workers` workers, and waits until all are ready.
     static func run(
         accounts: [Int] = [0, 1, 2], extra: [Int: [String]] = [:], workers: Int = 1, workerEnvironment: [String: String] = [:],
-        ingressEnvironment: [String: String] = [:],
+        ingressEnvironment: [String: String] = [:], redisURL: String? = nil,
         _ body: (inout AccountsStack) async throws -> Void
     ) async throws {
         let bin = try #require(TestServices.environment["WR_BIN_DIR"], "WR_BIN_DIR is set by ops/test")
@@ -121,7 +123,7 @@ struct AccountsStack {
         let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         var stack = AccountsStack(
             bin: bin, directory: directory, file: directory.appendingPathComponent("accounts.yaml").path, prefix: TestServices.unique("acc"),
-            simPort: try freePort(), tokendPort: try freePort(), ingressPort: try freePort(), client: client)
+            simPort: try freePort(), tokendPort: try freePort(), ingressPort: try freePort(), client: client, redisURL: redisURL)
         try stack.writeAccounts(accounts, extra: extra)
         do {
             // WeChat's 5 customer-service messages per user message would refuse replies to a user
@@ -299,6 +301,75 @@ struct ManyAccountsTests {
             #expect(try await s.metric("wechat_worker_quota_limit{appid=\"\(c.appID)\"}") == 500_000)
             let accepted = try await s.get("\(s.ingressURL)/metrics").body
             #expect(accepted.contains("wechat_ingress_accepted_total{appid=\"\(a.appID)\"} 3"))
+        }
+    }
+
+    /// #18: the key layout a Redis Cluster needs. Every process on a one-node Redis Cluster, which
+    /// refuses a command or a script whose keys are in more than one slot (`CROSSSLOT`) as a real
+    /// cluster does: sessions and dialog state in order, all three encryption modes, a passive
+    /// reply, WeChat's retry of a push (a duplicate), a replayed signed URL with another body
+    /// (dropped), the send-rate limiter, the quota count, the fences and the membership. Before the
+    /// per-user hash tags, every message's first script was refused and no reply went out.
+    @Test func everyProcessRunsOnARedisCluster() async throws {
+        let cluster = try await PrivateRedis(cluster: true)
+        defer { cluster.stop() }
+        try await AccountsStack.run(
+            extra: [0: ["send_rate: 50"], 1: ["reply_mode: passive-first", "reply_wait: 3"]], redisURL: cluster.url
+        ) { (s: inout AccountsStack) async throws in
+            let (a, b, c) = (AccountsStack.accounts[0], AccountsStack.accounts[1], AccountsStack.accounts[2])
+            for text in ["帮助", "菜单", "1"] { #expect(try await s.push(a, text, from: "oCluster") == 200) }
+            #expect(try await s.replies(a, to: "oCluster", count: 3) == [help, "功能列表\n1 我的消息数\n2 退出菜单", "您已发送3条消息"])
+            #expect(try await s.push(c, "帮助", from: "oCluster") == 200)
+            #expect(try await s.replies(c, to: "oCluster", count: 1) == ["C 号的帮助"])
+
+            // B answers passively, in the HTTP response.
+            let passive = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oClusterPassive", to: b.accountID)
+            _ = try await FakeAPIClient(baseURL: s.simURL, appID: b.appID).register(push: try InboundMessage(xml: passive), client: s.client)
+            let answer = try await s.pusher(b).push(passive, openID: "oClusterPassive", client: s.client)
+            #expect(answer.status == 200)
+            #expect(try s.pusher(b).passiveReply(in: answer.body)?[child: "Content"]?.text == help)
+
+            // One signed URL of A (plaintext: the signature does not cover the body): WeChat's
+            // retry of the push, then the URL replayed with another user's body.
+            let timestamp = String(Int(Date().timeIntervalSince1970))
+            let nonce = "424242"
+            let url = "\(s.ingressURL)/wechat/\(a.appID)?signature=\(WeChatSignature.signature(token: a.token, timestamp: timestamp, nonce: nonce))"
+                + "&timestamp=\(timestamp)&nonce=\(nonce)"
+            let original = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oVictim", to: a.accountID, msgID: 7_770_001)
+            let forged = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oForger", to: a.accountID, msgID: 7_770_002)
+            for xml in [original, forged] {
+                _ = try await FakeAPIClient(baseURL: s.simURL, appID: a.appID).register(push: try InboundMessage(xml: xml), client: s.client)
+            }
+            func post(_ body: String) async throws -> Int {
+                var request = HTTPClientRequest(url: url)
+                request.method = .POST
+                request.body = .bytes(ByteBuffer(string: body))
+                let response = try await s.client.execute(request, timeout: .seconds(10))
+                _ = try await response.body.collect(upTo: 1 << 20)
+                return Int(response.status.code)
+            }
+            #expect(try await post(original) == 200)
+            #expect(try await s.replies(a, to: "oVictim", count: 1) == [help])
+            #expect(try await post(original) == 200)
+            #expect(try await post(forged) == 200)
+            let stack = s
+            try await eventually("the retry is a duplicate and the replay is dropped") {
+                let duplicates = try await stack.metric("wechat_worker_messages_total{outcome=\"duplicate\"}")
+                let replayed = try await stack.metric("wechat_worker_messages_total{outcome=\"replayed_query\"}")
+                return duplicates == 1 && replayed == 1
+            }
+            #expect(try await s.sent(a).filter { $0.touser == "oForger" }.isEmpty)
+            #expect(try await s.sent(a).filter { $0.touser == "oVictim" }.count == 1)
+
+            // The quota count (its own key), and nothing waited on a Redis error.
+            #expect(try await s.metric("wechat_worker_quota_used{appid=\"\(a.appID)\"}") == 4)
+            #expect(try await s.metric("wechat_worker_messages_total{outcome=\"retried\"}") == 0)
+            #expect(try await s.metric("wechat_worker_messages_total{outcome=\"dead_lettered\"}") == 0)
+            // The user's session is under the user's hash tag, with the fencing copy in it.
+            let session = WorkerKeys(prefix: s.prefix, appID: a.appID).session("oCluster")
+            #expect(session == "\(s.prefix):\(a.appID):{oCluster}:session")
+            let fence = try await runCommand("/usr/bin/redis-cli", ["-p", String(cluster.port), "HGET", session, "fence"])
+            #expect(Int(fence.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0 >= 1)
         }
     }
 
@@ -550,8 +621,8 @@ struct AccountsConfigurationTests {
 
 @Suite("Send-rate limiter", .enabled(if: TestServices.redisEnabled))
 struct SendRateLimiterTests {
-    /// The daily quota is counted by the finished mark's script: once per message, however
-    /// often the mark is written again (a Redis error after it succeeded, a redelivery).
+    /// The daily quota is counted right after the finished mark, by the call that marked: once per
+    /// message, however often the mark is written again (a Redis error after it succeeded, a redelivery).
     @Test func theQuotaCountsEachSendOnceWithItsFinishedMark() async throws {
         let redis = RedisPool(configuration: try RedisConfiguration(url: try TestServices.redisURL()), size: 2, logger: .init(label: "quota"))
         defer { redis.close() }

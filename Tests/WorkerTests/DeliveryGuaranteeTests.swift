@@ -168,13 +168,23 @@ struct DeliveryGuaranteeTests {
             return true
         }
         #expect(afterLease == .uncertain)
-        // Another worker becomes the shard's consumer: our token is stale everywhere.
+        // Another worker becomes the shard's consumer. Until its token acts on this user, ours
+        // still may (ordered before its work, as if we had finished before the hand-over) …
         let theirs = try await store.takeFence(shard: 3)
         #expect(theirs.token == mine.token + 1)
+        #expect(try await store.claim(m, worker: "c", fence: mine, lease: .seconds(30)) == .claimed)
+        // … and once it has (any script of the user's: here its observe of the message), ours is stale for the user.
+        #expect(try await store.observe(m, now: 2, fence: theirs).fenced == false)
         #expect(try await store.claim(m, worker: "c", fence: mine, lease: .seconds(30)) == .fenced)
         let later = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "菜单", eventKey: nil, from: "oClaim", to: "gh", msgID: 43))
         #expect(try await store.observe(later, now: 2, fence: mine).fenced)
         #expect(try await store.session("oClaim").messages == 1, "a fenced observe changes nothing")
+        // Another user of the shard: our token is not stale for them until theirs acts on them.
+        let other = try InboundMessage(xml: PushBuilder.xml(kind: "text", value: "菜单", eventKey: nil, from: "oClaimOther", to: "gh", msgID: 44))
+        #expect(try await store.observe(other, now: 3, fence: theirs).fenced == false)
+        #expect(try await store.observe(other, now: 3, fence: mine).fenced)
+        #expect(try await store.claim(other, worker: "c", fence: mine, lease: .seconds(30)) == .fenced)
+        #expect(try await store.session("oClaimOther").values["fence"] == nil, "the fencing copy is not part of the session")
         try await store.releaseClaim(m, worker: "c")
         #expect(try await store.claim(m, worker: "d", fence: theirs, lease: .seconds(30)) == .claimed)
         try await store.markReplied(m, sent: true)
@@ -204,7 +214,7 @@ struct DeliveryGuaranteeTests {
             }
             // The fresh claim no replica acknowledged was given back: left in place, it would
             // expire during a long outage and read as an uncertain send (a false "maybe sent").
-            #expect(try await redis.send(["HGET", .init(store.keys.record(m.dedupID)), "claim"]) == .null)
+            #expect(try await redis.send(["HGET", .init(store.keys.record(m.fromUserName, m.dedupID)), "claim"]) == .null)
             await #expect { try await store.markReplied(m, sent: true) } throws: { ($0 as? RedisError)?.isRetriable == true }
             try await services.startRedis(instance: 2)
             // The mark is written again until a replica acknowledges it (as the worker's markSent does).

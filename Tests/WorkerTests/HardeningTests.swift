@@ -209,7 +209,7 @@ struct WorkerHardeningTests {
             let text = try InboundMessage(
                 xml: "<xml><ToUserName>gh</ToUserName><FromUserName>\(user)</FromUserName><CreateTime>1</CreateTime><MsgType>text</MsgType><Content>x</Content><MsgId>7</MsgId></xml>")
             _ = try await store.observe(text, now: 1003)
-            let record = store.keys.record(text.dedupID)
+            let record = store.keys.record(user, text.dedupID)
             #expect(try await s.redis.hgetall(record)["snapshot"] != nil)
             try await store.markReplied(text, sent: false)
             #expect(try await s.redis.hgetall(record) == ["replied": "1"])
@@ -221,7 +221,7 @@ struct WorkerHardeningTests {
             let other = SessionStore(redis: s.redis, appID: s.appID, prefix: TestServices.unique("p2"))
             let seen = try await other.observe(text, now: 1005)
             #expect(seen.isNew && !seen.replied)
-            for key in [store.keys.session(user), store.keys.record("x"), store.keys.signedQuery("x"), store.keys.workers] {
+            for key in [store.keys.session(user), store.keys.record(user, "x"), store.keys.signedQuery("x"), store.keys.workers, store.keys.fenceCounter] {
                 #expect(key.hasPrefix(store.keys.prefix + ":"))
             }
             #expect(TokenKeys(appID: s.appID, prefix: store.keys.prefix).accessToken.hasPrefix(store.keys.prefix + ":"))
