@@ -270,8 +270,12 @@ public struct IngressHandler: Sendable {
             WeChatTopology.Header.receivedAtMs: .int(ms),
             WeChatTopology.Header.mode: .string(inbound.mode),
             WeChatTopology.Header.dedupKey: .string(m.dedupKey),
-            WeChatTopology.Header.signedQuery: .string(signedQuery),
         ]
+        // Only where the signature does not cover the body (plaintext): the worker records which
+        // message used the URL, so a replay with another body is dropped. An encrypted push's
+        // msg_signature covers its Encrypt, the only part read, so its URL cannot carry another
+        // body; leaving the header out spares the worker that round trip to Redis.
+        if inbound.mode == "plaintext" { headers[WeChatTopology.Header.signedQuery] = .string(signedQuery) }
         if let event = m.event { headers[WeChatTopology.Header.event] = .string(event) }
         if replyTo != nil {
             headers[PassiveHandshake.replyByHeader] = .int(ms + account.offerWindow.wholeNanoseconds / 1_000_000)

@@ -27,7 +27,8 @@ public struct KeyLayoutMigration: Sendable {
     public struct Report: Sendable, Equatable, CustomStringConvertible {
         /// Sessions renamed into the new layout.
         public var moved = 0
-        /// Old sessions left where they are: the new layout already had the user's session.
+        /// Old sessions left where they are (to expire): the new layout already had the user's
+        /// session (a new worker wrote it), which is kept as it is.
         public var kept = 0
         /// Keys that look like old sessions but are not (an unexpected AppID or OpenID), untouched.
         public var unrecognized = 0
@@ -35,25 +36,44 @@ public struct KeyLayoutMigration: Sendable {
         public var fencesDeleted = 0
 
         public var description: String {
-            "\(moved) session(s) moved, \(kept) kept (the new layout had a newer one), \(unrecognized) unrecognized key(s) left alone, \(fencesDeleted) old fence key(s) deleted"
+            "\(moved) session(s) moved, \(kept) left (the new layout already had the user's session), \(unrecognized) unrecognized key(s) left alone, \(fencesDeleted) old fence key(s) deleted"
         }
     }
 
-    /// Runs the migration (see the type's documentation).
+    /// Runs the migration (see the type's documentation): each batch of the scan is renamed as it
+    /// comes, in one pipeline; a key that expired in between is skipped.
     public func run() async throws -> Report {
         var report = Report()
-        for key in try await scan(match: Self.globEscaped(prefix) + ":*:session:*") {
-            guard let (appID, openID) = Self.oldSession(key, prefix: prefix) else {
-                report.unrecognized += 1
-                continue
+        try await scan(match: Self.globEscaped(prefix) + ":*:session:*") { batch in
+            var renames: [(String, String)] = []
+            for key in batch {
+                guard let (appID, openID) = Self.oldSession(key, prefix: prefix) else {
+                    report.unrecognized += 1
+                    continue
+                }
+                renames.append((key, WorkerKeys(prefix: prefix, appID: appID).session(openID)))
             }
-            let target = WorkerKeys(prefix: prefix, appID: appID).session(openID)
-            if try await redis.send(["RENAMENX", .init(key), .init(target)]).int == 1 { report.moved += 1 } else { report.kept += 1 }
+            guard !renames.isEmpty else { return }
+            let replies = try await redis.pipeline(renames.map { ["RENAMENX", .init($0.0), .init($0.1)] })
+            for reply in replies {
+                switch reply {
+                case .integer(1): report.moved += 1
+                case .integer: report.kept += 1
+                case .error(let message) where message.contains("no such key"): break  // expired since the scan saw it
+                case .error(let message): throw RedisError(.serverError, "RENAMENX failed: \(message)")
+                default: throw RedisError(.protocolError, "unexpected answer to RENAMENX")
+                }
+            }
         }
-        for key in try await scan(match: Self.globEscaped(prefix) + ":fence:*") {
-            let shard = key.dropFirst(prefix.utf8.count + ":fence:".utf8.count)
-            guard !shard.isEmpty, shard.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else { continue }
-            report.fencesDeleted += Int(try await redis.send(["DEL", .init(key)]).int ?? 0)
+        let fencePrefix = prefix + ":fence:"
+        try await scan(match: Self.globEscaped(fencePrefix) + "*") { batch in
+            let old = batch.filter { key in
+                guard key.hasPrefix(fencePrefix) else { return false }
+                let shard = key.dropFirst(fencePrefix.count)
+                return !shard.isEmpty && shard.allSatisfy { $0.isASCII && $0.isNumber }
+            }
+            guard !old.isEmpty else { return }
+            report.fencesDeleted += Int(try await redis.send(["DEL"] + old.map { .init($0) }).int ?? 0)
         }
         return report
     }
@@ -71,20 +91,18 @@ public struct KeyLayoutMigration: Sendable {
         return (appID, openID)
     }
 
-    /// Every key matching `pattern` (SCAN: no long block of the server; a key may be seen twice,
-    /// which the callers tolerate).
-    private func scan(match pattern: String) async throws -> [String] {
+    /// Calls `body` with each batch of keys matching `pattern` (SCAN: no long block of the
+    /// server; a key may come twice, which the callers tolerate: a second rename finds it gone).
+    private func scan(match pattern: String, _ body: ([String]) async throws -> Void) async throws {
         var cursor = "0"
-        var keys: [String] = []
         repeat {
             let reply = try await redis.send(["SCAN", .init(cursor), "MATCH", .init(pattern), "COUNT", "1000"])
             guard let parts = reply.array, parts.count == 2, let next = parts[0].text, let batch = parts[1].array else {
                 throw RedisError(.protocolError, "unexpected answer to SCAN")
             }
-            keys += batch.compactMap(\.text)
+            try await body(batch.compactMap(\.text))
             cursor = next
         } while cursor != "0"
-        return Array(Set(keys)).sorted()
     }
 
     /// `text` with the glob's special characters escaped.

@@ -90,8 +90,8 @@ public struct SessionStore: Sendable {
         /// The signed query it came with was already used by a different message: a replay
         /// of a seen URL with another body. Never processed.
         public var replayedQuery: Bool = false
-        /// The caller's fencing token is no longer the shard's: another worker consumes the
-        /// shard now. Nothing was changed.
+        /// The caller's fencing token is below the user's copy: another worker consumes the shard
+        /// now and has acted on this user. Nothing was changed.
         public var fenced: Bool = false
     }
 
@@ -183,7 +183,19 @@ public struct SessionStore: Sendable {
         end
         """
 
-    private static let commitScript = RedisScript(commitLua + "\nreturn commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])")
+    /// The commit alone (a decision that is not sent now): {0} when fenced (nothing changed), else
+    /// {1, stored decision}.
+    private static let commitScript = RedisScript(
+        commitLua + "\n" + fenceLua + """
+
+            if fenced(KEYS[2], ARGV[5], ARGV[6]) then return {0} end
+            return {1, commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])}
+            """)
+
+    /// A stale fencing token: another worker has acted on this user since (``commit(_:for:fence:)``).
+    public struct FencedOut: Error, CustomStringConvertible {
+        public var description: String { "fenced out: another worker consumes this shard now" }
+    }
 
     // Marked again (a retry after a WAIT fell short), it still writes: WAIT waits for the
     // offset of the connection's last write, so a mark that wrote nothing would be "acknowledged"
@@ -313,6 +325,8 @@ public struct SessionStore: Sendable {
     private static let commitAndClaimScript = RedisScript(
         commitLua + "\n" + fenceLua + "\n" + claimLua + """
 
+            -- A stale token changes nothing, not even the session's dialog state.
+            if fenced(KEYS[2], ARGV[6], ARGV[9]) then return {'fenced', 0, ''} end
             local stored = commit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
             local c = claim(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
             return {c[1], c[2], stored}
@@ -415,38 +429,64 @@ public struct SessionStore: Sendable {
     /// shard is stale for each user the moment this token first acts on that user (the scripts
     /// raise the user's copy); before that, the older holder's work on the user is ordered
     /// before ours, as if it had finished before the hand-over (docs/worker.md, "The fence").
+    ///
+    /// Under `wait_replicas` the token counts only once replicas have it (as a claim): a failover
+    /// must not hand a later holder the token of an earlier one (with a Redis Cluster the counter
+    /// and the users' copies live on different nodes, so one node's failover could otherwise roll
+    /// the counter back below copies that survived elsewhere).
     public func takeFence(shard: Int) async throws -> Fence {
         let key = keys.fenceCounter
-        guard let token = try await redis.send(["INCR", .init(key)]).int else {
+        guard let token = try await replicatedEval(Self.takeFenceScript, keys: [key], arguments: []).int else {
             throw RedisError(.protocolError, "unexpected answer to INCR \(key)")
         }
         return Fence(token: Int64(token))
     }
 
+    private static let takeFenceScript = RedisScript("return redis.call('INCR', KEYS[1])")
+
     /// Stores the decision (first writer wins) and applies its state change; returns the stored decision.
-    public func commit(_ decision: ReplyRules.Decision, for m: InboundMessage) async throws -> ReplyRules.Decision {
+    /// - Throws: ``FencedOut`` when `fence` is stale for the user (nothing changed).
+    public func commit(_ decision: ReplyRules.Decision, for m: InboundMessage, fence: Fence? = nil) async throws -> ReplyRules.Decision {
         let (json, args) = try Self.commitArguments(decision)
-        let reply = try await redis.eval(Self.commitScript, keys: [recordKey(m), sessionKey(m.fromUserName)], arguments: args)
-        return Self.stored(reply, ours: decision, json: json)
+        let reply = try await redis.eval(
+            Self.commitScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
+            arguments: args + [fence.map { .init($0.token) } ?? "", .init(sessionTTL)])
+        guard let parts = reply.array, let first = parts.first?.int else {
+            throw RedisError(.protocolError, "unexpected answer from the commit script")
+        }
+        guard first == 1, parts.count == 2 else { throw FencedOut() }
+        return Self.stored(parts[1], ours: decision, json: json)
     }
 
     /// Marks the message finished; `sent` counts a customer-service message against the window's
     /// quota; `passive` records a passive reply (its decision is kept for WeChat's retries).
     /// - Returns: for a customer-service send marked now, the account's sends today (the quota
     ///   count, `<prefix>:<appid>:quota:<day>`, raised right after the mark, only by the call that
-    ///   marked: once per message); else 0. The count is a key of the account's, in another Redis
-    ///   Cluster slot than the user's, so it is a second script: a worker that dies between the two,
-    ///   or a Redis error on the count, leaves that send uncounted (0 is returned; the mark stands).
+    ///   marked: once per message, also when the replicas' acknowledgement fell short and the mark
+    ///   is written again); else 0. The count is a key of the account's, in another Redis Cluster
+    ///   slot than the user's, so it is a second script: a worker that dies between the two, a mark
+    ///   whose reply was lost, or three Redis errors on the count leave that send uncounted (0 is
+    ///   returned; the mark stands).
     ///   The count drives our alert; WeChat's 45009 stays the authority on the quota.
     @discardableResult
     public func markReplied(_ m: InboundMessage, sent: Bool, passive: Bool = false) async throws -> Int64 {
-        let marked = try await replicatedEval(
+        let (marked, shortfall) = try await replicatedEvalReporting(
             Self.markRepliedScript,
             keys: [recordKey(m), sessionKey(m.fromUserName), keys.passiveDecision(m.fromUserName, m.dedupID)],
             arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)])
-        guard marked.int == 1 else { return 0 }
-        let today = try? await redis.eval(Self.quotaScript, keys: [keys.quota(day: QuotaDay.today())], arguments: [])
-        return Int64(today?.int ?? 0)
+        var today: Int64 = 0
+        // Counted even when the replicas fell short: the mark written again finds it marked and
+        // would not count it.
+        if marked.int == 1 {
+            for _ in 0..<3 {
+                if let n = try? await redis.eval(Self.quotaScript, keys: [keys.quota(day: QuotaDay.today())], arguments: []).int {
+                    today = n
+                    break
+                }
+            }
+        }
+        if let shortfall { throw shortfall }
+        return today
     }
 
     /// Runs a script whose loss in a failover could send a reply twice (a claim, before the

@@ -246,7 +246,8 @@ final class ShardRunner: Sendable {
 
     /// The fencing token for `delivery`'s work: raised in Redis at the first delivery of each
     /// subscription (deliveries come only to the active consumer, and a new connection is a
-    /// new subscription), then reused; any worker that held the shard before is fenced out.
+    /// new subscription), then reused; any worker that held the shard before is fenced out of
+    /// each user as soon as this token acts on the user (docs/worker.md, "The fence").
     func fence(for delivery: AMQPDelivery) async throws -> SessionStore.Fence {
         let generation = delivery.connectionGeneration
         if let held = fence.withLock({ $0 }), held.generation >= generation { return held.fence }

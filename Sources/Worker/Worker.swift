@@ -585,7 +585,11 @@ public final class Worker: Sendable {
                 decision = stored
                 preclaimed = (claim, start)
             } else {
-                decision = try await store.commit(decision, for: message)
+                do {
+                    decision = try await store.commit(decision, for: message, fence: fence)
+                } catch is SessionStore.FencedOut {
+                    return fenced(message, delivery, shard)
+                }
             }
         }
         guard let reply = decision.reply else {

@@ -184,7 +184,17 @@ struct DeliveryGuaranteeTests {
         #expect(try await store.observe(other, now: 3, fence: theirs).fenced == false)
         #expect(try await store.observe(other, now: 3, fence: mine).fenced)
         #expect(try await store.claim(other, worker: "c", fence: mine, lease: .seconds(30)) == .fenced)
-        #expect(try await store.session("oClaimOther").values["fence"] == nil, "the fencing copy is not part of the session")
+        // The copy is in the user's session hash (the user's slot), not in what rules and handlers see.
+        #expect(try await redis.send(["HGET", .init(store.keys.session("oClaimOther")), "fence"]).text == "\(theirs.token)")
+        #expect(try await store.session("oClaimOther").values["fence"] == nil)
+        #expect(try await store.observe(other, now: 4, fence: theirs).snapshot.values["fence"] == nil)
+        // A stale token commits nothing either: no decision, no dialog state.
+        let stale = ReplyRules.Decision(reply: nil, setState: "menu")
+        await #expect(throws: SessionStore.FencedOut.self) { try await store.commit(stale, for: other, fence: mine) }
+        #expect(try await store.session("oClaimOther").state == nil)
+        let staleSend = ReplyRules.Decision(reply: CustomerServiceMessage(toUser: "oClaimOther", content: .text(content: "x")), setState: "menu")
+        #expect(try await store.commitAndClaim(staleSend, for: other, worker: "c", fence: mine, lease: .seconds(30)).1 == .fenced)
+        #expect(try await store.session("oClaimOther").state == nil)
         try await store.releaseClaim(m, worker: "c")
         #expect(try await store.claim(m, worker: "d", fence: theirs, lease: .seconds(30)) == .claimed)
         try await store.markReplied(m, sent: true)

@@ -104,9 +104,12 @@ struct WorkerPreload: AsyncParsableCommand {
     @Option(help: "Broker URL.") var url: String = "amqp://guest:guest@127.0.0.1:5672/%2F"
     @Option var count: Int = 100_000
     @Option var users: Int = 1000
+    @Flag(help: "Give each message the signed-query header of a plaintext push (one Redis round trip more per message).")
+    var signedQuery = false
 
     func run() async throws {
         let topology = WeChatTopology()
+        let signed = signedQuery
         let amqp = try await AMQPConnection.connect(
             configuration: AMQPConfiguration(url: url), topology: topology.inbound, logger: Logger(label: "bench"))
         let base = UInt64.random(in: 1...(1 << 40)) << 20
@@ -121,10 +124,11 @@ struct WorkerPreload: AsyncParsableCommand {
                         var x = XMLBuilder()
                         x.header(to: "gh_bench", from: user, createTime: 1_700_000_000, msgType: "text")
                         x.cdata("Content", "帮助"); x.raw("MsgId", String(base + UInt64(i)))
-                        let headers: AMQPTable = [
+                        var headers: AMQPTable = [
                             WeChatTopology.Header.openID: .string(user), WeChatTopology.Header.msgType: "text",
                             WeChatTopology.Header.receivedAtMs: .int(Int64(Date().timeIntervalSince1970 * 1000)),
                         ]
+                        if signed { headers[WeChatTopology.Header.signedQuery] = .string("1700000000:\(base + UInt64(i)):bench") }
                         try await amqp.publish(
                             AMQPMessage(x.finish(), properties: AMQPProperties(contentType: "application/xml", headers: headers, messageID: "\(user):\(base + UInt64(i))")),
                             exchange: topology.inboundExchange, routingKey: topology.routingKey(appID: "wxbench", openID: user))
