@@ -67,6 +67,8 @@ final class Stack: Sendable {
             var env = ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"]
             // 1 s: with the run's 6 s claim lease a worker waits for a verdict at most 3 s.
             if s.passive { env["INGRESS_REPLY_WAIT"] = "1" }
+            // The workers' reply mode (one exported in the shell must not reach the ingress alone).
+            env["WORKER_REPLY_MODE"] = s.passive ? "passive-first" : "customer-service"
             let ingress = try await spawn("ingress-\(i + 1)", "wechat-ingress", env)
             state.withLock { $0.ingresses.append(ingress) }
             ready.append((ingress, "http://127.0.0.1:\(port)/readyz"))

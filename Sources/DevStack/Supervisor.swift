@@ -64,7 +64,8 @@ final class Supervisor: Sendable {
         for n in 1...2 {
             let port = ports[1 + n]
             var env = ["HTTP_HOST": "127.0.0.1", "HTTP_PORT": "\(port)"]
-            if s.passive { env["INGRESS_REPLY_WAIT"] = "4" }
+            // The workers' reply mode too: one exported in the shell must not reach the ingress alone.
+            if s.passive { env["INGRESS_REPLY_WAIT"] = "4"; env["WORKER_REPLY_MODE"] = "passive-first" }
             ready.append((try await start("ingress-\(n)", bin + "/wechat-ingress", [], base, env), "http://127.0.0.1:\(port)/readyz"))
         }
         for n in 1...2 {

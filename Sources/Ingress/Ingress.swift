@@ -68,7 +68,7 @@ public struct IngressHandler: Sendable {
     /// handled finishes with the account it started with; an account removed answers 404 from now on.
     public func reload(_ configuration: AccountsConfiguration) throws {
         let wait = self.configuration.replyWait
-        let built = try configuration.accounts.map { try IngressAccount($0, defaultWait: wait) }
+        let built = try configuration.accounts.map { try IngressAccount($0, defaultWait: wait, defaultMode: self.configuration.replyMode) }
         if passive == nil, let waiting = built.first(where: { $0.replyWait > .zero }) {
             throw ConfigurationError(
                 variable: "WECHAT_ACCOUNTS_FILE",
@@ -271,11 +271,13 @@ public struct IngressHandler: Sendable {
             WeChatTopology.Header.mode: .string(inbound.mode),
             WeChatTopology.Header.dedupKey: .string(m.dedupKey),
         ]
-        // Only where the signature does not cover the body (plaintext): the worker records which
-        // message used the URL, so a replay with another body is dropped. An encrypted push's
-        // msg_signature covers its Encrypt, the only part read, so its URL cannot carry another
-        // body; leaving the header out spares the worker that round trip to Redis.
-        if inbound.mode == "plaintext" { headers[WeChatTopology.Header.signedQuery] = .string(signedQuery) }
+        // The worker records which message used the URL, so that a replay with another body is
+        // dropped: needed wherever a plaintext push is accepted. The URL's signature covers neither
+        // the body nor `encrypt_type`, so an encrypted push's URL can be replayed as a plaintext
+        // push (another body) unless the account is safe-mode; in safe mode only encrypted pushes
+        // are accepted, and their msg_signature covers the Encrypt they are read from: no header,
+        // and the worker is spared that round trip to Redis.
+        if account.encryption != .safe { headers[WeChatTopology.Header.signedQuery] = .string(signedQuery) }
         if let event = m.event { headers[WeChatTopology.Header.event] = .string(event) }
         if replyTo != nil {
             headers[PassiveHandshake.replyByHeader] = .int(ms + account.offerWindow.wholeNanoseconds / 1_000_000)

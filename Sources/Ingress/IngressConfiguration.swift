@@ -26,6 +26,10 @@ public struct IngressConfiguration: Sendable {
     /// (`INGRESS_REPLY_WAIT`, the default of the accounts that set no `reply_wait`); zero answers
     /// `success` at once.
     public var replyWait: Duration
+    /// `WORKER_REPLY_MODE`, when the ingress is given the workers' variables: the reply mode of
+    /// the accounts that set no `reply_mode` (no wait with `customer-service`; `passive-only`
+    /// without a wait is refused).
+    public var replyMode: String?
     /// WeChat's 5 s, less a margin for the network and its own clock.
     public static let latestUsefulAnswer: Duration = .milliseconds(4_500)
 
@@ -44,7 +48,12 @@ public struct IngressConfiguration: Sendable {
     public init(_ env: RelayEnvironment) throws {
         let loaded = try AccountsConfiguration.load(env)
         let wait = try Self.replyWait(env.string("INGRESS_REPLY_WAIT"))
-        accounts = try loaded.accounts.map { try IngressAccount($0, defaultWait: wait) }
+        let mode = env.string("WORKER_REPLY_MODE")
+        if let mode, !["customer-service", "passive-first", "passive-only"].contains(mode) {
+            throw ConfigurationError(variable: "WORKER_REPLY_MODE", reason: "must be customer-service, passive-first or passive-only, not '\(mode)'")
+        }
+        replyMode = mode
+        accounts = try loaded.accounts.map { try IngressAccount($0, defaultWait: wait, defaultMode: mode) }
         accountsFile = loaded.file
         let url = env.string("AMQP_URL", isSecret: true) ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
         do {
@@ -102,15 +111,17 @@ public struct IngressAccount: Sendable {
     public var offerWindow: Duration { min(replyWait, IngressConfiguration.latestUsefulAnswer) }
 
     /// - Throws: ``ConfigurationError`` naming the variable or the accounts file's entry.
-    public init(_ spec: AccountSpec, defaultWait: Duration = .zero) throws {
+    /// - Parameter defaultMode: `WORKER_REPLY_MODE`, for an account without `reply_mode`.
+    public init(_ spec: AccountSpec, defaultWait: Duration = .zero, defaultMode: String? = nil) throws {
         appID = spec.appID
+        let mode = spec.replyMode ?? defaultMode
         if let text = spec.replyWait {
             replyWait = try IngressConfiguration.replyWait(text, variable: spec.place(.replyWait))
         } else {
-            replyWait = spec.replyMode == "customer-service" ? .zero : defaultWait
+            replyWait = mode == "customer-service" ? .zero : defaultWait
         }
         // passive-only without a wait: every reply would be dropped (no push waits for it).
-        if spec.replyMode == "passive-only", replyWait == .zero {
+        if mode == "passive-only", replyWait == .zero {
             throw ConfigurationError(
                 variable: spec.place(.replyWait), reason: "reply_mode passive-only needs a wait for the reply (reply_wait or INGRESS_REPLY_WAIT, 5 s)")
         }

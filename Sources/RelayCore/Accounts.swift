@@ -159,10 +159,6 @@ public struct AccountsConfiguration: Sendable, Equatable {
             a.aesKey = env.string("WECHAT_AES_KEY", isSecret: true)
             a.previousAESKey = env.string("WECHAT_PREVIOUS_AES_KEY", isSecret: true)
             a.secret = env.string("WECHAT_SECRET", isSecret: true)
-            // The workers' reply mode, read by the ingress too when it shares their variables: it
-            // then waits only for an account whose replies may come passively, and refuses
-            // passive-only without a wait (every reply would be dropped).
-            a.replyMode = env.string("WORKER_REPLY_MODE")
             accounts.append(a)
         }
         let path = env.string("WECHAT_ACCOUNTS_FILE")

@@ -23,7 +23,8 @@ public struct KeyLayoutMigration: Sendable {
         self.prefix = prefix
     }
 
-    /// What a run did.
+    /// What a run did. (SCAN may return a key twice: a second rename of a moved session finds it
+    /// gone and is not counted, but `kept` and `unrecognized` may count such a key twice.)
     public struct Report: Sendable, Equatable, CustomStringConvertible {
         /// Sessions renamed into the new layout.
         public var moved = 0

@@ -451,10 +451,9 @@ public struct SessionStore: Sendable {
         let reply = try await redis.eval(
             Self.commitScript, keys: [recordKey(m), sessionKey(m.fromUserName)],
             arguments: args + [fence.map { .init($0.token) } ?? "", .init(sessionTTL)])
-        guard let parts = reply.array, let first = parts.first?.int else {
-            throw RedisError(.protocolError, "unexpected answer from the commit script")
-        }
-        guard first == 1, parts.count == 2 else { throw FencedOut() }
+        let parts = reply.array ?? []
+        if parts.count == 1, parts[0].int == 0 { throw FencedOut() }
+        guard parts.count == 2, parts[0].int == 1 else { throw RedisError(.protocolError, "unexpected answer from the commit script") }
         return Self.stored(parts[1], ours: decision, json: json)
     }
 
@@ -465,7 +464,7 @@ public struct SessionStore: Sendable {
     ///   marked: once per message, also when the replicas' acknowledgement fell short and the mark
     ///   is written again); else 0. The count is a key of the account's, in another Redis Cluster
     ///   slot than the user's, so it is a second script: a worker that dies between the two, a mark
-    ///   whose reply was lost, or three Redis errors on the count leave that send uncounted (0 is
+    ///   whose reply was lost, or a Redis error on the count leave that send uncounted (0 is
     ///   returned; the mark stands).
     ///   The count drives our alert; WeChat's 45009 stays the authority on the quota.
     @discardableResult
@@ -476,14 +475,9 @@ public struct SessionStore: Sendable {
             arguments: [sent ? "1" : "0", .init(finishedTTL), passive ? "p" : "1", .init(m.dedupID)])
         var today: Int64 = 0
         // Counted even when the replicas fell short: the mark written again finds it marked and
-        // would not count it.
+        // would not count it. Tried once: INCR is not idempotent, and an error may come after it ran.
         if marked.int == 1 {
-            for _ in 0..<3 {
-                if let n = try? await redis.eval(Self.quotaScript, keys: [keys.quota(day: QuotaDay.today())], arguments: []).int {
-                    today = n
-                    break
-                }
-            }
+            today = (try? await redis.eval(Self.quotaScript, keys: [keys.quota(day: QuotaDay.today())], arguments: []).int) ?? 0
         }
         if let shortfall { throw shortfall }
         return today

@@ -582,6 +582,8 @@ public final class Worker: Sendable {
             {
                 let start = ContinuousClock.now
                 let (stored, claim) = try await store.commitAndClaim(decision, for: message, worker: id, fence: fence, lease: claimLease)
+                // Stale: nothing was committed; nothing may be marked, acked or dead-lettered either.
+                if claim == .fenced { return fenced(message, delivery, shard) }
                 decision = stored
                 preclaimed = (claim, start)
             } else {

@@ -329,29 +329,38 @@ struct ManyAccountsTests {
             #expect(answer.status == 200)
             #expect(try s.pusher(b).passiveReply(in: answer.body)?[child: "Content"]?.text == help)
 
-            // One signed URL of A (plaintext: the signature does not cover the body): WeChat's
-            // retry of the push, then the URL replayed with another user's body.
+            // A push URL signed by hand (timestamp and nonce fixed), the users told to the
+            // simulator, and a POST that returns the status and the body.
             let timestamp = String(Int(Date().timeIntervalSince1970))
-            let nonce = "424242"
-            let url = "\(s.ingressURL)/wechat/\(a.appID)?signature=\(WeChatSignature.signature(token: a.token, timestamp: timestamp, nonce: nonce))"
-                + "&timestamp=\(timestamp)&nonce=\(nonce)"
-            let original = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oVictim", to: a.accountID, msgID: 7_770_001)
-            let forged = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: "oForger", to: a.accountID, msgID: 7_770_002)
-            for xml in [original, forged] {
-                _ = try await FakeAPIClient(baseURL: s.simURL, appID: a.appID).register(push: try InboundMessage(xml: xml), client: s.client)
+            func signedURL(_ account: AccountsStack.Account, nonce: String) -> String {
+                "\(s.ingressURL)/wechat/\(account.appID)?signature=\(WeChatSignature.signature(token: account.token, timestamp: timestamp, nonce: nonce))"
+                    + "&timestamp=\(timestamp)&nonce=\(nonce)"
             }
-            func post(_ body: String) async throws -> Int {
+            func texts(_ account: AccountsStack.Account, from users: [String], firstID: UInt64) async throws -> [String] {
+                var xmls: [String] = []
+                for (i, user) in users.enumerated() {
+                    let xml = try PushBuilder.xml(kind: "text", value: "帮助", eventKey: nil, from: user, to: account.accountID, msgID: firstID + UInt64(i))
+                    _ = try await FakeAPIClient(baseURL: s.simURL, appID: account.appID).register(push: try InboundMessage(xml: xml), client: s.client)
+                    xmls.append(xml)
+                }
+                return xmls
+            }
+            func post(_ url: String, _ body: String) async throws -> (status: Int, body: String) {
                 var request = HTTPClientRequest(url: url)
                 request.method = .POST
                 request.body = .bytes(ByteBuffer(string: body))
                 let response = try await s.client.execute(request, timeout: .seconds(10))
-                _ = try await response.body.collect(upTo: 1 << 20)
-                return Int(response.status.code)
+                return (Int(response.status.code), String(buffer: try await response.body.collect(upTo: 1 << 20)))
             }
-            #expect(try await post(original) == 200)
+
+            // One signed URL of A (plaintext: the signature does not cover the body): WeChat's
+            // retry of the push, then the URL replayed with another user's body.
+            let url = signedURL(a, nonce: "424242")
+            let aPushes = try await texts(a, from: ["oVictim", "oForger"], firstID: 7_770_001)
+            #expect(try await post(url, aPushes[0]).status == 200)
             #expect(try await s.replies(a, to: "oVictim", count: 1) == [help])
-            #expect(try await post(original) == 200)
-            #expect(try await post(forged) == 200)
+            #expect(try await post(url, aPushes[0]).status == 200)
+            #expect(try await post(url, aPushes[1]).status == 200)
             let stack = s
             try await eventually("the retry is a duplicate and the replay is dropped") {
                 let duplicates = try await stack.metric("wechat_worker_messages_total{outcome=\"duplicate\"}")
@@ -360,6 +369,24 @@ struct ManyAccountsTests {
             }
             #expect(try await s.sent(a).filter { $0.touser == "oForger" }.isEmpty)
             #expect(try await s.sent(a).filter { $0.touser == "oVictim" }.count == 1)
+
+            // B (compatible) also accepts plaintext: its encrypted push's URL, replayed without
+            // encrypt_type and msg_signature (which the URL's signature does not cover) and with a
+            // forged plaintext body, finds the query taken and is dropped.
+            let bURL = signedURL(b, nonce: "434343")
+            let bPushes = try await texts(b, from: ["oVictimB", "oForgerB"], firstID: 7_770_003)
+            let cipher = try WeChatMessageCrypto(appID: b.appID, key: try EncodingAESKey(try #require(b.aesKey))).encrypt(bPushes[0])
+            let envelope = "<xml><ToUserName><![CDATA[\(b.accountID)]]></ToUserName><Encrypt><![CDATA[\(cipher)]]></Encrypt></xml>"
+            let encryptedURL = bURL + "&encrypt_type=aes&msg_signature="
+                + WeChatSignature.messageSignature(token: b.token, timestamp: timestamp, nonce: "434343", encrypted: cipher)
+            let genuine = try await post(encryptedURL, envelope)
+            #expect(genuine.status == 200 && genuine.body.contains("<Encrypt>"))  // answered passively
+            let forged = try await post(bURL, bPushes[1])
+            #expect(forged.status == 200 && forged.body == "success")  // no passive reply: not processed
+            try await eventually("the replayed encrypted URL is dropped") {
+                try await stack.metric("wechat_worker_messages_total{outcome=\"replayed_query\"}") == 2
+            }
+            #expect(try await s.sent(b).filter { $0.touser == "oForgerB" }.isEmpty)
 
             // The quota count (its own key), and nothing waited on a Redis error.
             #expect(try await s.metric("wechat_worker_quota_used{appid=\"\(a.appID)\"}") == 4)
