@@ -49,8 +49,9 @@ public struct IngressConfiguration: Sendable {
         let loaded = try AccountsConfiguration.load(env)
         let wait = try Self.replyWait(env.string("INGRESS_REPLY_WAIT"))
         let mode = env.string("WORKER_REPLY_MODE")
-        if let mode, !["customer-service", "passive-first", "passive-only"].contains(mode) {
-            throw ConfigurationError(variable: "WORKER_REPLY_MODE", reason: "must be customer-service, passive-first or passive-only, not '\(mode)'")
+        if let mode, ReplyMode(rawValue: mode) == nil {
+            let names = ReplyMode.allCases.map(\.rawValue).joined(separator: ", ")
+            throw ConfigurationError(variable: "WORKER_REPLY_MODE", reason: "must be one of \(names), not '\(mode)'")
         }
         replyMode = mode
         accounts = try loaded.accounts.map { try IngressAccount($0, defaultWait: wait, defaultMode: mode) }
@@ -118,10 +119,10 @@ public struct IngressAccount: Sendable {
         if let text = spec.replyWait {
             replyWait = try IngressConfiguration.replyWait(text, variable: spec.place(.replyWait))
         } else {
-            replyWait = mode == "customer-service" ? .zero : defaultWait
+            replyWait = mode == ReplyMode.customerService.rawValue ? .zero : defaultWait
         }
         // passive-only without a wait: every reply would be dropped (no push waits for it).
-        if mode == "passive-only", replyWait == .zero {
+        if mode == ReplyMode.passiveOnly.rawValue, replyWait == .zero {
             throw ConfigurationError(
                 variable: spec.place(.replyWait), reason: "reply_mode passive-only needs a wait for the reply (reply_wait or INGRESS_REPLY_WAIT, 5 s)")
         }

@@ -6,18 +6,6 @@ import RelayContract
 import RelayCore
 import WeChat
 
-/// How a worker's replies go out (`WORKER_REPLY_MODE`; docs/worker.md, "Passive replies").
-public enum ReplyMode: String, Sendable, CaseIterable {
-    /// Through the customer-service API only (the default).
-    case customerService = "customer-service"
-    /// Offered to the ingress that waits for the push (`INGRESS_REPLY_WAIT`); through the API
-    /// when the ingress did not take it.
-    case passiveFirst = "passive-first"
-    /// Offered to the ingress only, again on WeChat's retries of the push; never the API. A reply
-    /// no push took is dropped and counted.
-    case passiveOnly = "passive-only"
-}
-
 /// Where a push's ingress waits for a passive reply: from its `reply_to`, `correlation_id` and
 /// ``PassiveHandshake/replyByHeader``.
 struct PassiveTarget: Sendable {
